@@ -1,0 +1,400 @@
+"""Alignment: which student sites get an adapter, and which teacher value each must match.
+
+A *site* is an affine producer (Conv1d/2d/3d or Linear), optionally followed by an eval
+BatchNorm (its *anchor* is the last of the two), whose value reaches a nonlinearity or the
+graph output, optionally through an ``add`` whose other operand (the *residual*) does not depend
+on the site. The adapter goes after the anchor; the *point* (the anchor, or the add) is the value
+compared with the teacher::
+
+    producer ─▶ [BatchNorm] ─▶ ADAPTER ─▶ [+ residual] ─▶ nonlinearity | output
+                 anchor ─────┘              point
+
+Two strategies pair student sites with teacher points:
+
+* **mirror** (pruned or slimmed students): both graphs have the same ops and edges in the same
+  topological order, only widths differ. Node i of the student pairs with node i of the teacher,
+  so every site is matched, inside blocks too.
+* **cuts** (any other student): block boundaries are the nodes every input→output path passes
+  through (networkx dominators of the output). The student's sites at boundaries and the
+  teacher's pre-nonlinearity boundaries are aligned in order by signature (spatial shape,
+  channels) with dynamic programming — never by module names.
+
+A student site may be narrower than its teacher point when a channel map (kept teacher channels)
+is given for its producer module; without one it is skipped, with the reason recorded.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+
+import networkx as nx
+import torch.fx as fx
+
+from fxkd.errors import AlignmentError
+from fxkd.nodes import (
+    add_operands,
+    affine_module,
+    eval_batchnorm,
+    is_nonlinearity,
+    module_call_counts,
+    spatial_dims,
+)
+from fxkd.trace import node_shape
+
+__all__ = [
+    "Alignment",
+    "Site",
+    "SitePair",
+    "SkippedSite",
+    "align",
+    "block_cuts",
+    "find_sites",
+    "is_mirror",
+]
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Site:
+    """A place in the student where an adapter can go (node names of the traced student)."""
+
+    producer: str
+    module: str
+    batchnorm: str | None
+    anchor: str
+    point: str
+    residual: str | None
+    dims: int
+    channels: int
+    groups: int
+    shape: tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class SitePair:
+    """A student site and the teacher value it must reproduce."""
+
+    site: Site
+    teacher_point: str
+    teacher_channels: int
+    channel_map: tuple[int, ...] | None = None
+    map_source: str | None = None
+
+
+@dataclass(frozen=True)
+class SkippedSite:
+    """A student producer that gets no adapter, and why."""
+
+    node: str
+    reason: str
+
+
+@dataclass
+class Alignment:
+    """The result of aligning a teacher with a student: pairs in student topological order."""
+
+    strategy: str
+    pairs: list[SitePair] = field(default_factory=list)
+    skipped: list[SkippedSite] = field(default_factory=list)
+
+    def __str__(self) -> str:
+        lines = [
+            f"Alignment ({self.strategy}): {len(self.pairs)} sites, {len(self.skipped)} skipped"
+        ]
+        for p in self.pairs:
+            cmap = f" map[{len(p.channel_map)}/{p.teacher_channels}]" if p.channel_map else ""
+            lines.append(f"  {p.site.point:<24} <- teacher {p.teacher_point}{cmap}")
+        for s in self.skipped:
+            lines.append(f"  {s.node:<24} skipped: {s.reason}")
+        return "\n".join(lines)
+
+
+def _channels(shape: tuple[int, ...], dims: int) -> int:
+    return shape[-1] if dims == 0 else shape[1]
+
+
+def _depends_on(node: fx.Node, ancestor: fx.Node) -> bool:
+    seen: set[fx.Node] = set()
+    stack = [node]
+    while stack:
+        n = stack.pop()
+        if n is ancestor:
+            return True
+        if n in seen:
+            continue
+        seen.add(n)
+        stack.extend(n.all_input_nodes)
+    return False
+
+
+def _reaches_activation_or_output(gm: fx.GraphModule, node: fx.Node) -> bool:
+    return any(u.op == "output" or is_nonlinearity(gm, u) for u in node.users)
+
+
+def find_sites(gm: fx.GraphModule) -> tuple[list[Site], list[SkippedSite]]:
+    """Every site of a traced, shape-annotated graph, in topological order, and the affine
+    producers that are not sites, each with the reason."""
+    calls = module_call_counts(gm)
+    sites: list[Site] = []
+    skipped: list[SkippedSite] = []
+    for node in gm.graph.nodes:
+        module = affine_module(gm, node)
+        if module is None:
+            continue
+        if calls[str(node.target)] > 1:
+            skipped.append(
+                SkippedSite(
+                    node.name,
+                    f"module {node.target} is called {calls[str(node.target)]} "
+                    "times; an adapter folded into it would change every call",
+                )
+            )
+            continue
+        dims = spatial_dims(module)
+        anchor, batchnorm = node, None
+        if len(node.users) == 1:
+            (user,) = node.users
+            if eval_batchnorm(gm, user, dims) is not None:
+                anchor, batchnorm = user, user
+        point, residual = anchor, None
+        if len(anchor.users) == 1:
+            (user,) = anchor.users
+            operands = add_operands(user)
+            if operands is not None and operands[0] is not operands[1]:
+                other = operands[1] if operands[0] is anchor else operands[0]
+                if not _depends_on(other, anchor):
+                    point, residual = user, other
+        if not _reaches_activation_or_output(gm, point):
+            skipped.append(
+                SkippedSite(
+                    node.name,
+                    "its value does not reach a nonlinearity or the output "
+                    "through per-channel linear ops (no matched point)",
+                )
+            )
+            continue
+        shape = node_shape(point)
+        if shape is None:
+            skipped.append(SkippedSite(node.name, "no recorded shape (trace with an example)"))
+            continue
+        sites.append(
+            Site(
+                producer=node.name,
+                module=str(node.target),
+                batchnorm=batchnorm.name if batchnorm is not None else None,
+                anchor=anchor.name,
+                point=point.name,
+                residual=residual.name if residual is not None else None,
+                dims=dims,
+                channels=_channels(shape, dims),
+                groups=getattr(module, "groups", 1),
+                shape=shape,
+            )
+        )
+    return sites, skipped
+
+
+def _structure(gm: fx.GraphModule) -> list[tuple]:
+    """Each node's op kind and the positions of its inputs: equal lists = mirror graphs."""
+    index = {n: i for i, n in enumerate(gm.graph.nodes)}
+    out = []
+    for n in gm.graph.nodes:
+        if n.op == "call_module":
+            kind = type(gm.get_submodule(str(n.target)))
+        elif n.op in ("call_function", "call_method"):
+            kind = n.target
+        else:
+            kind = None
+        out.append((n.op, kind, tuple(index[a] for a in n.all_input_nodes)))
+    return out
+
+
+def is_mirror(teacher: fx.GraphModule, student: fx.GraphModule) -> bool:
+    """Same ops and edges in the same order (widths may differ): a pruned or slimmed student."""
+    return _structure(teacher) == _structure(student)
+
+
+def block_cuts(gm: fx.GraphModule) -> list[fx.Node]:
+    """The nodes every input→output path passes through, in topological order.
+
+    Only nodes reachable from an input and reaching the output form the graph (``get_attr``
+    nodes and dead branches would otherwise create bypass paths); the cuts are the dominators of
+    the output node from a virtual source feeding every placeholder."""
+    g = nx.DiGraph()
+    source = "__fxkd_source__"
+    output = next(n for n in reversed(gm.graph.nodes) if n.op == "output")
+    for n in gm.graph.nodes:
+        if n.op == "placeholder":
+            g.add_edge(source, n)
+        for a in n.all_input_nodes:
+            g.add_edge(a, n)
+    if output not in g:
+        return []
+    live = (nx.descendants(g, source) | {source}) & (nx.ancestors(g, output) | {output})
+    g = g.subgraph(live)
+    idom = nx.immediate_dominators(g, source)
+    cuts = set()
+    n = idom[output]
+    while n != source:
+        cuts.add(n)
+        n = idom[n]
+    return [n for n in gm.graph.nodes if n in cuts and n.op != "placeholder"]
+
+
+def _pair(
+    site: Site, t_node: fx.Node, channel_maps: Mapping[str, Sequence[int]]
+) -> SitePair | SkippedSite:
+    t_shape = node_shape(t_node)
+    if t_shape is None or len(t_shape) != len(site.shape):
+        return SkippedSite(
+            site.producer,
+            f"teacher {t_node.name} has shape {t_shape}, student {site.point} {site.shape}",
+        )
+    t_channels = _channels(t_shape, site.dims)
+    other = (lambda s: s[1:-1]) if site.dims == 0 else (lambda s: s[2:])
+    if other(t_shape) != other(site.shape):
+        return SkippedSite(
+            site.producer, f"shape {site.shape} does not match teacher {t_node.name} {t_shape}"
+        )
+    cmap = channel_maps.get(site.module)
+    if cmap is not None:
+        cmap = tuple(int(c) for c in cmap)
+        if len(cmap) != site.channels or max(cmap) >= t_channels:
+            return SkippedSite(
+                site.producer,
+                f"channel_maps[{site.module!r}] lists {len(cmap)} "
+                f"channels (max {max(cmap)}) but the site has {site.channels} and "
+                f"the teacher {t_channels}",
+            )
+        return SitePair(site, t_node.name, t_channels, cmap, "given")
+    if site.channels != t_channels:
+        return SkippedSite(
+            site.producer,
+            f"width {site.channels} differs from teacher "
+            f"{t_node.name} ({t_channels}) and no channel map was given for "
+            f"module {site.module!r} (CompressConfig.channel_maps)",
+        )
+    return SitePair(site, t_node.name, t_channels)
+
+
+def _share_maps_at_points(pairs: list[SitePair]) -> list[SitePair | SkippedSite]:
+    """Sites that meet at one add share its channels: give a map known for one to all."""
+    by_point: dict[str, set] = {}
+    for p in pairs:
+        by_point.setdefault(p.site.point, set()).add(p.channel_map)
+    out: list[SitePair | SkippedSite] = []
+    for p in pairs:
+        maps = by_point[p.site.point] - {None}
+        if len(maps) > 1:
+            out.append(
+                SkippedSite(
+                    p.site.producer,
+                    f"sites meeting at {p.site.point} were given different channel maps",
+                )
+            )
+        elif maps and p.channel_map is None:
+            (cmap,) = maps
+            out.append(SitePair(p.site, p.teacher_point, p.teacher_channels, cmap, "shared"))
+        else:
+            out.append(p)
+    return out
+
+
+def _lcs(n: int, m: int, ok) -> list[tuple[int, int]]:
+    """Longest order-preserving matching of two sequences under a compatibility predicate."""
+    best = [[0] * (m + 1) for _ in range(n + 1)]
+    for i in range(n - 1, -1, -1):
+        for j in range(m - 1, -1, -1):
+            take = best[i + 1][j + 1] + 1 if ok(i, j) else 0
+            best[i][j] = max(take, best[i + 1][j], best[i][j + 1])
+    pairs, i, j = [], 0, 0
+    while i < n and j < m:
+        if ok(i, j) and best[i][j] == best[i + 1][j + 1] + 1:
+            pairs.append((i, j))
+            i, j = i + 1, j + 1
+        elif best[i + 1][j] >= best[i][j + 1]:
+            i += 1
+        else:
+            j += 1
+    return pairs
+
+
+def align(
+    teacher: fx.GraphModule,
+    student: fx.GraphModule,
+    *,
+    channel_maps: Mapping[str, Sequence[int]] | None = None,
+    granularity: str = "layer",
+) -> Alignment:
+    """Pair the student's sites with teacher points (both graphs traced with shapes).
+
+    Raises AlignmentError, listing both sides' signatures, when no pair at all is found."""
+    channel_maps = dict(channel_maps or {})
+    unknown = sorted(
+        set(channel_maps)
+        - {str(n.target) for n in student.graph.nodes if affine_module(student, n) is not None}
+    )
+    if unknown:
+        raise AlignmentError(
+            f"channel_maps names {unknown}, which are not conv/linear modules of the student. "
+            "Hint: key channel maps by the student's producer module name (e.g. 'features.0')."
+        )
+    sites, skipped = find_sites(student)
+    t_nodes = {n.name: n for n in teacher.graph.nodes}
+    s_cuts = {n.name for n in block_cuts(student)}
+    if is_mirror(teacher, student):
+        strategy = "mirror"
+        mirror = dict(zip([n.name for n in student.graph.nodes], t_nodes, strict=True))
+        if granularity == "block":
+            kept = [s for s in sites if s.point in s_cuts]
+            skipped += [
+                SkippedSite(s.producer, "inside a block (granularity='block')")
+                for s in sites
+                if s.point not in s_cuts
+            ]
+            sites = kept
+        results = [_pair(s, t_nodes[mirror[s.point]], channel_maps) for s in sites]
+    else:
+        strategy = "cuts"
+        t_points = [n for n in block_cuts(teacher) if _reaches_activation_or_output(teacher, n)]
+        boundary = [s for s in sites if s.point in s_cuts]
+        skipped += [
+            SkippedSite(s.producer, "not at a block boundary of a non-mirror student")
+            for s in sites
+            if s.point not in s_cuts
+        ]
+        trial = {
+            (i, j): _pair(s, t, channel_maps)
+            for i, s in enumerate(boundary)
+            for j, t in enumerate(t_points)
+        }
+        matches = dict(
+            _lcs(len(boundary), len(t_points), lambda i, j: isinstance(trial[i, j], SitePair))
+        )
+        results = [
+            trial[i, matches[i]]
+            if i in matches
+            else SkippedSite(s.producer, "no teacher block boundary with a matching signature")
+            for i, s in enumerate(boundary)
+        ]
+    pairs = [r for r in results if isinstance(r, SitePair)]
+    skipped += [r for r in results if isinstance(r, SkippedSite)]
+    shared = _share_maps_at_points(pairs)
+    pairs = [r for r in shared if isinstance(r, SitePair)]
+    skipped += [r for r in shared if isinstance(r, SkippedSite)]
+    if not pairs:
+        raise AlignmentError(
+            "teacher and student share no alignable block boundary.\n"
+            f"  student sites: {[(s.point, s.shape) for s in sites] or 'none'}\n"
+            f"  teacher boundaries: "
+            f"{[(n.name, node_shape(n)) for n in block_cuts(teacher)] or 'none'}\n"
+            + "".join(f"  skipped {s.node}: {s.reason}\n" for s in skipped)
+            + "Hint: the student needs conv/linear layers whose outputs match teacher shapes "
+            "(give channel_maps for pruned layers)."
+        )
+    for s in skipped:
+        log.info("site %s skipped: %s", s.node, s.reason)
+    return Alignment(strategy, pairs, skipped)

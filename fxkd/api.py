@@ -1,0 +1,155 @@
+"""``fxkd.compress``: the whole pipeline in one call. Orchestration only: the graph surgery lives
+in the passes, the algebra in fxkd.fold / fxkd.lstsq."""
+
+from __future__ import annotations
+
+import copy
+import logging
+import os
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.fx as fx
+from torch import nn
+
+from fxkd.align import Alignment, align
+from fxkd.config import CompressConfig
+from fxkd.data import take_samples
+from fxkd.errors import ConfigError
+from fxkd.onnx import ValidationReport, export_onnx, exported_elements, validate_onnx
+from fxkd.passes import CalibrateAdapters, FoldAdapters, FoldBatchNorm, InsertAdapters
+from fxkd.report import BlockRow, Report
+from fxkd.trace import trace
+
+__all__ = ["CompressResult", "compress"]
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class CompressResult:
+    """What ``compress`` returns.
+
+    model: the recovered student (a GraphModule, eval mode), adapters folded away.
+    report: the per-block table (``print(result.report)``).
+    onnx: the onnxruntime validation report when ``onnx=`` was given, else None.
+    alignment: which student sites were paired with which teacher points.
+    """
+
+    model: fx.GraphModule
+    report: Report
+    onnx: ValidationReport | None
+    alignment: Alignment
+
+
+def _device(module: nn.Module) -> torch.device:
+    p = next(module.parameters(), None)
+    return p.device if p is not None else torch.device("cpu")
+
+
+def compress(
+    teacher: nn.Module,
+    student: nn.Module,
+    loader: Any,
+    *,
+    config: CompressConfig | None = None,
+    onnx: str | os.PathLike | None = None,
+    **options: Any,
+) -> CompressResult:
+    """Recover ``student`` towards ``teacher`` from a few unlabelled samples of ``loader``.
+
+    ``loader`` yields tensors, ``(input, label, ...)`` tuples or dicts (labels are ignored); a
+    tensor of samples works too. Options are CompressConfig fields, given whole (``config=``)
+    or as keywords (``num_samples=256, mode="kernel", ...``), keywords winning. With ``onnx=``
+    the result is exported there and validated with onnxruntime on the samples.
+
+    Neither ``teacher`` nor ``student`` is modified (the student is deep-copied; training flags
+    are restored)."""
+    if not isinstance(teacher, nn.Module) or not isinstance(student, nn.Module):
+        raise ConfigError("teacher and student must be torch.nn.Module instances")
+    cfg = (config or CompressConfig()).replace(**options)
+    samples = take_samples(loader, cfg.num_samples, key=cfg.input_key, seed=cfg.seed)
+    device = torch.device(cfg.device) if cfg.device else _device(student)
+    example = samples[: min(len(samples), cfg.chunk_size)].float()
+
+    teacher_gm = trace(teacher, example.to(_device(teacher)), leaf_modules=cfg.leaf_modules)
+    reference = trace(student, example.to(_device(student)), leaf_modules=cfg.leaf_modules)
+    work = copy.deepcopy(student).to(device)
+    student_gm = trace(work, example.to(device), leaf_modules=cfg.leaf_modules)
+    alignment = align(
+        teacher_gm, student_gm, channel_maps=cfg.channel_maps, granularity=cfg.granularity
+    )
+    log.info("%s", alignment)
+
+    insert = InsertAdapters(alignment, cfg.mode)
+    insert(student_gm)
+    calibrate = CalibrateAdapters(teacher_gm, samples, cfg, reference=reference)
+    calibrate(student_gm)
+    adapter_of = {
+        m.pair.site.producer: name
+        for name, m in student_gm.named_children()
+        if name in calibrate.records
+    }
+    fold = FoldAdapters()
+    fold(student_gm)
+    if cfg.fold_batchnorm:
+        FoldBatchNorm()(student_gm)
+    student_gm.eval()
+
+    report = _report(alignment, insert, calibrate, fold, adapter_of, cfg, len(samples))
+    validation = None
+    if onnx is not None:
+        path = export_onnx(student_gm, example, onnx)
+        original = copy.deepcopy(student).to(device)
+        if cfg.fold_batchnorm:
+            original = trace(original, leaf_modules=cfg.leaf_modules)
+            FoldBatchNorm()(original)
+        validation = validate_onnx(
+            path,
+            student_gm,
+            samples.float().to(device),
+            atol=cfg.onnx_atol,
+            rtol=cfg.onnx_rtol,
+            reference_elements=exported_elements(original, example.to(device)),
+        )
+    return CompressResult(student_gm, report, validation, alignment)
+
+
+def _report(alignment, insert, calibrate, fold, adapter_of, cfg, num_samples) -> Report:
+    report = Report(alignment.strategy, cfg.mode, num_samples)
+    not_inserted = {s.node: s.reason for s in insert.skipped}
+    for pair in alignment.pairs:
+        site = pair.site
+        channels = (
+            f"{site.channels}/{pair.teacher_channels}" if pair.channel_map else str(site.channels)
+        )
+        name = adapter_of.get(site.producer)
+        if name is None:
+            report.rows.append(
+                BlockRow(
+                    site.point,
+                    pair.teacher_point,
+                    channels,
+                    note=not_inserted.get(site.producer, "not calibrated"),
+                )
+            )
+            continue
+        rec = calibrate.records[name]
+        reason = fold.outcome.get(name)
+        report.rows.append(
+            BlockRow(
+                site.point,
+                pair.teacher_point,
+                channels,
+                name,
+                rec.err_given,
+                rec.err_before,
+                rec.err_after,
+                folded=reason is None,
+                note=f"not folded: {reason}" if reason else "",
+            )
+        )
+    for s in alignment.skipped:
+        report.rows.append(BlockRow(s.node, None, "-", note=f"skipped: {s.reason}"))
+    return report

@@ -1,0 +1,85 @@
+"""CompressConfig: every option of ``fxkd.compress`` in one frozen dataclass, documented once."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from fxkd.errors import ConfigError
+
+__all__ = ["MODES", "CompressConfig"]
+
+MODES = ("pointwise", "kernel")
+GRANULARITIES = ("layer", "block")
+
+
+@dataclass(frozen=True)
+class CompressConfig:
+    """Options of a compression run. Pass it whole (``config=``) or field by field as keywords.
+
+    Attributes:
+        num_samples: how many unlabelled samples to take from the loader (the few in few-sample).
+        mode: ``"kernel"`` solves each site's whole producer kernel on its input patches (default:
+            the better fit, see the README's benchmark); ``"pointwise"`` solves the paper's 1x1
+            adapter ``Q`` on the producer's output.
+        ridge: relative ridge ``α``; the solve uses ``λ = α·mean(diag G)`` and shrinks towards the
+            student's current weights (identity ``Q``, or the present kernel), not towards zero,
+            so a system with fewer samples than unknowns stays close to the student as given.
+        granularity: ``"layer"`` puts a site at every aligned affine producer; ``"block"`` keeps
+            only the sites whose matched point is a block boundary (a cut of the graph).
+        chunk_size: samples per forward chunk during calibration.
+        device: where calibration runs (``"cpu"``, ``"cuda"``, ...); default: the student's device.
+        channel_maps: for pruned students, ``{student producer module name: kept teacher output
+            channels}``; the teacher target at that site is restricted to those channels.
+        leaf_modules: extra module types that torch.fx must not trace into.
+        input_key: for loaders that yield dicts, the key holding the input tensor.
+        seed: seeds torch's RNG while samples are drawn (shuffling loaders become reproducible).
+        fold_batchnorm: also fuse every eval BatchNorm into its conv/linear after folding adapters
+            (deployment form; changes parameter shapes, so off by default).
+        progress: show tqdm progress bars.
+        onnx_atol, onnx_rtol: tolerances of the onnxruntime parity check.
+    """
+
+    num_samples: int = 256
+    mode: str = "kernel"
+    ridge: float = 1e-4
+    granularity: str = "layer"
+    chunk_size: int = 64
+    device: str | None = None
+    channel_maps: Mapping[str, Sequence[int]] = field(default_factory=dict)
+    leaf_modules: tuple[type, ...] = ()
+    input_key: str | None = None
+    seed: int = 0
+    fold_batchnorm: bool = False
+    progress: bool = True
+    onnx_atol: float = 1e-4
+    onnx_rtol: float = 1e-3
+
+    def __post_init__(self) -> None:
+        if self.mode not in MODES:
+            raise ConfigError(f"mode={self.mode!r} is not one of {MODES}")
+        if self.granularity not in GRANULARITIES:
+            raise ConfigError(f"granularity={self.granularity!r} is not one of {GRANULARITIES}")
+        if not (isinstance(self.num_samples, int) and self.num_samples > 0):
+            raise ConfigError(f"num_samples={self.num_samples!r} must be a positive int")
+        if not (isinstance(self.chunk_size, int) and self.chunk_size > 0):
+            raise ConfigError(f"chunk_size={self.chunk_size!r} must be a positive int")
+        if not self.ridge >= 0:
+            raise ConfigError(f"ridge={self.ridge!r} must be >= 0 (a relative ridge, e.g. 1e-4)")
+        for name, channels in self.channel_maps.items():
+            if len(set(channels)) != len(channels) or any(int(c) < 0 for c in channels):
+                raise ConfigError(
+                    f"channel_maps[{name!r}] must list distinct non-negative teacher channels"
+                )
+
+    def replace(self, **overrides: Any) -> CompressConfig:
+        """A copy with some fields changed; an unknown field raises ConfigError naming it."""
+        known = {f.name for f in dataclasses.fields(self)}
+        unknown = sorted(set(overrides) - known)
+        if unknown:
+            raise ConfigError(
+                f"unknown option(s) {unknown}; CompressConfig fields are {sorted(known)}"
+            )
+        return dataclasses.replace(self, **overrides)

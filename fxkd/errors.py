@@ -1,0 +1,49 @@
+"""Typed errors. Every error fxkd raises on purpose derives from :class:`FxkdError`.
+
+Messages name the argument or graph node at fault and end with a hint on what to do.
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "AlignmentError",
+    "CalibrationError",
+    "ConfigError",
+    "DataError",
+    "EmptyLoaderError",
+    "FxkdError",
+    "OnnxValidationError",
+    "TraceError",
+]
+
+
+class FxkdError(Exception):
+    """Base class of every error fxkd raises on purpose."""
+
+
+class ConfigError(FxkdError, ValueError):
+    """A configuration value (or a keyword given to ``compress``) is invalid."""
+
+
+class TraceError(FxkdError):
+    """torch.fx could not trace a model (data-dependent control flow, unsupported calls, ...)."""
+
+
+class AlignmentError(FxkdError):
+    """Teacher and student share no block boundary that fxkd can pair up."""
+
+
+class DataError(FxkdError):
+    """The sample loader yields something fxkd cannot use."""
+
+
+class EmptyLoaderError(DataError):
+    """The sample loader yielded no samples at all."""
+
+
+class CalibrationError(FxkdError):
+    """Calibration met values it cannot solve with (NaN/Inf features, mismatched shapes)."""
+
+
+class OnnxValidationError(FxkdError):
+    """Export or onnxruntime validation failed in a way that is not a numerical mismatch."""

@@ -1,0 +1,92 @@
+"""Streaming normal equations for batched linear least squares.
+
+P independent systems (one per group of a grouped producer) share the row stream::
+
+    W_p* = argmin_W  Σ_rows || x_p W + 1·c_p − y_p ||²      x_p: (rows, D), y_p: (rows, K)
+
+``update`` accumulates ``G = [x 1]ᵀ[x 1]`` and ``B = [x 1]ᵀ y`` chunk by chunk (fp32 products on
+the chunk's device, summed in fp64). ``solve`` returns the ridge solution shrunk towards a prior
+``W0`` (the student as it is):
+
+    (G + λ·I_D) W = B + λ·W0,   λ = α · mean(diag G[:D, :D])      (no ridge on the bias row)
+
+by Cholesky in fp64, falling back to an eigendecomposition pseudo-inverse for systems Cholesky
+rejects. The sums are over rows, so data-parallel calibration is one ``all_reduce`` per solve.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+import torch.distributed as dist
+
+__all__ = ["NormalEquations"]
+
+log = logging.getLogger(__name__)
+
+
+class NormalEquations:
+    """Accumulates and solves P least-squares systems with D features (+bias) and K targets."""
+
+    def __init__(
+        self,
+        partitions: int,
+        features: int,
+        targets: int,
+        *,
+        bias: bool,
+        device: torch.device | str = "cpu",
+    ) -> None:
+        self.bias = bias
+        self.features = features
+        width = features + int(bias)
+        self.gram = torch.zeros(partitions, width, width, dtype=torch.float64, device=device)
+        self.cross = torch.zeros(partitions, width, targets, dtype=torch.float64, device=device)
+        self.rows = 0
+
+    def update(self, x: torch.Tensor, y: torch.Tensor) -> None:
+        """Add rows: ``x`` (P, rows, D), ``y`` (P, rows, K), any float dtype."""
+        x = x.float()
+        if self.bias:
+            x = torch.cat([x, x.new_ones(*x.shape[:-1], 1)], dim=-1)
+        xt = x.transpose(-1, -2)
+        self.gram += (xt @ x).double()
+        self.cross += (xt @ y.float()).double()
+        self.rows += x.shape[-2]
+
+    def all_reduce(self) -> None:
+        """Sum the statistics over ranks when torch.distributed is initialised."""
+        if dist.is_available() and dist.is_initialized():
+            for t in (self.gram, self.cross):
+                dist.all_reduce(t)
+
+    def solve(self, ridge: float, prior: torch.Tensor | None = None) -> torch.Tensor:
+        """The (P, D[+1], K) solution; ``prior`` (same shape) is what the ridge shrinks towards."""
+        g, b = self.gram, self.cross
+        d = self.features
+        diag = torch.diagonal(g[:, :d, :d], dim1=-2, dim2=-1)
+        lam = ridge * diag.mean(dim=-1).clamp_min(torch.finfo(torch.float64).tiny)
+        eye = torch.zeros_like(g[0])
+        eye[range(d), range(d)] = 1.0
+        a = g + lam[:, None, None] * eye
+        rhs = b if prior is None else b + lam[:, None, None] * (eye @ prior.to(b))
+        chol, info = torch.linalg.cholesky_ex(a)
+        w = torch.cholesky_solve(rhs, chol)
+        bad = (info != 0) | ~torch.isfinite(w).flatten(1).all(dim=1)
+        if bad.any():
+            log.warning(
+                "Cholesky failed for %d of %d systems; using a pseudo-inverse",
+                int(bad.sum()),
+                len(bad),
+            )
+            w[bad] = _pinv_solve(a[bad], rhs[bad])
+        return w
+
+
+def _pinv_solve(a: torch.Tensor, rhs: torch.Tensor) -> torch.Tensor:
+    """Minimum-norm solution of symmetric PSD systems through eigh, small eigenvalues cut."""
+    vals, vecs = torch.linalg.eigh(a)
+    cut = vals.amax(dim=-1, keepdim=True) * a.shape[-1] * torch.finfo(a.dtype).eps
+    inv = torch.where(vals > cut, 1.0 / vals.clamp_min(torch.finfo(a.dtype).tiny), 0.0)
+    return vecs @ (inv[..., None] * (vecs.transpose(-1, -2) @ rhs))

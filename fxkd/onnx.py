@@ -1,0 +1,174 @@
+"""ONNX export and numerical validation with onnxruntime.
+
+``export_onnx`` uses torch's dynamo-based exporter with the batch dimension dynamic, weights
+inside the file. ``validate_onnx`` checks the file (``onnx.checker``, full check), runs it with
+onnxruntime (CPU provider; CUDA too when onnxruntime-gpu and a GPU are present) and compares
+every output with PyTorch, and counts initializer elements so "same size" is checked.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import onnx
+import torch
+from torch import nn
+
+from fxkd.errors import OnnxValidationError
+from fxkd.trace import eval_mode
+
+__all__ = ["ValidationReport", "export_onnx", "initializer_elements", "validate_onnx"]
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class ValidationReport:
+    """onnxruntime vs PyTorch on real inputs.
+
+    max_abs: max |ort − torch| over outputs and providers; max_rel: max_abs of each output divided
+    by that output's max |torch|; passed: every element within ``atol + rtol·|torch|`` on every
+    provider; initializer_elements: weights in the file; reference_elements: the same count for
+    the reference model (the student as given), when one was exported."""
+
+    passed: bool
+    max_abs: float
+    max_rel: float
+    providers: list[str]
+    initializer_elements: int
+    reference_elements: int | None = None
+    worst: str = ""
+    per_provider: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def same_size(self) -> bool | None:
+        if self.reference_elements is None:
+            return None
+        return self.initializer_elements == self.reference_elements
+
+    def __str__(self) -> str:
+        size = ""
+        if self.reference_elements is not None:
+            size = (
+                f", initializers {self.initializer_elements} vs student as given "
+                f"{self.reference_elements} ({'same' if self.same_size else 'DIFFERENT'})"
+            )
+        verdict = "passed" if self.passed else f"FAILED (worst: {self.worst})"
+        return (
+            f"ONNX validation {verdict}: max abs {self.max_abs:.3g}, max rel "
+            f"{self.max_rel:.3g} on {', '.join(self.providers)}{size}"
+        )
+
+
+def export_onnx(model: nn.Module, example: torch.Tensor, path: str | os.PathLike) -> Path:
+    """Export ``model`` (eval mode, batch dimension dynamic) to one self-contained .onnx file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        with torch.no_grad(), eval_mode(model):
+            torch.onnx.export(
+                model,
+                (example,),
+                str(path),
+                dynamo=True,
+                external_data=False,
+                dynamic_shapes=({0: "batch"},),
+                verbose=False,
+            )
+    except Exception as exc:
+        raise OnnxValidationError(
+            f"torch.onnx.export failed for {type(model).__name__}: {type(exc).__name__}: {exc}"
+        ) from exc
+    return path
+
+
+def initializer_elements(model_or_path: onnx.ModelProto | str | os.PathLike) -> int:
+    """Total element count of an ONNX model's initializers (its weights)."""
+    proto = (
+        model_or_path
+        if isinstance(model_or_path, onnx.ModelProto)
+        else onnx.load(str(model_or_path))
+    )
+    return sum(int(np.prod(t.dims)) for t in proto.graph.initializer)
+
+
+def exported_elements(model: nn.Module, example: torch.Tensor) -> int:
+    """Initializer elements of ``model`` exported the way export_onnx does (temporary file)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        return initializer_elements(export_onnx(model, example, Path(tmp) / "reference.onnx"))
+
+
+def _providers() -> list[str]:
+    import onnxruntime as ort
+
+    available = ort.get_available_providers()
+    return [p for p in ("CUDAExecutionProvider", "CPUExecutionProvider") if p in available]
+
+
+def validate_onnx(
+    path: str | os.PathLike,
+    model: nn.Module,
+    inputs: torch.Tensor,
+    *,
+    atol: float = 1e-4,
+    rtol: float = 1e-3,
+    reference_elements: int | None = None,
+) -> ValidationReport:
+    """Check the file and compare onnxruntime with ``model`` on ``inputs`` (eval mode, fp32)."""
+    try:
+        import onnxruntime as ort
+    except ImportError as exc:
+        raise OnnxValidationError(
+            "onnxruntime is not installed. Hint: pip install 'fxkd[ort]' (or 'fxkd[gpu]')."
+        ) from exc
+    try:
+        onnx.checker.check_model(str(path), full_check=True)
+    except Exception as exc:
+        raise OnnxValidationError(f"onnx.checker rejected {path}: {exc}") from exc
+    with torch.no_grad(), eval_mode(model):
+        expected = model(inputs)
+    expected = [expected] if isinstance(expected, torch.Tensor) else list(expected)
+    expected = [e.detach().float().cpu().numpy() for e in expected]
+    providers = _providers()
+    max_abs = max_rel = 0.0
+    passed, worst, per_provider = True, "", {}
+    for provider in providers:
+        session = ort.InferenceSession(str(path), providers=[provider])
+        feed = {session.get_inputs()[0].name: inputs.detach().float().cpu().numpy()}
+        outputs = session.run(None, feed)
+        if len(outputs) != len(expected):
+            raise OnnxValidationError(
+                f"{path} has {len(outputs)} outputs, the model returns {len(expected)}"
+            )
+        worst_here = 0.0
+        for meta, got, ref in zip(session.get_outputs(), outputs, expected, strict=True):
+            diff = np.abs(got.astype(np.float64) - ref)
+            scale = float(np.abs(ref).max()) or 1.0
+            worst_here = max(worst_here, float(diff.max()))
+            if float(diff.max()) >= max_abs:
+                idx = np.unravel_index(int(diff.argmax()), diff.shape)
+                worst = (
+                    f"{provider} output {meta.name}[{', '.join(map(str, idx))}]: ort "
+                    f"{got[idx]:.6g} vs torch {ref[idx]:.6g}"
+                )
+            max_abs = max(max_abs, float(diff.max()))
+            max_rel = max(max_rel, float(diff.max()) / scale)
+            passed &= bool(np.all(diff <= atol + rtol * np.abs(ref)))
+        per_provider[provider] = worst_here
+    report = ValidationReport(
+        passed,
+        max_abs,
+        max_rel,
+        providers,
+        initializer_elements(path),
+        reference_elements,
+        worst,
+        per_provider,
+    )
+    log.info("%s", report)
+    return report

@@ -1,0 +1,85 @@
+"""The adapter modules InsertAdapters puts after each site.
+
+``PointwiseAdapter``: ``y = Q x + c`` with Q block-diagonal over the producer's groups (a grouped
+1x1 conv; per-channel scale for depthwise; a Linear for channels-last features). Identity when
+inserted.
+
+``KernelAdapter``: carries a solved kernel for its producer: once solved it computes
+``y = producer_op(x_in; A', a')`` from the producer's *input* ``x_in`` (a second argument);
+before that it passes the site's value through unchanged.
+
+Both remember their ``SitePair``; FoldAdapters merges them into the producer.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from fxkd.align import SitePair
+
+__all__ = ["ADAPTER_TYPES", "KernelAdapter", "PointwiseAdapter"]
+
+_CONV = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
+
+
+class PointwiseAdapter(nn.Module):
+    """Identity-initialised ``Q x + c``: weight (C, C/groups) as a grouped 1x1 conv."""
+
+    def __init__(self, pair: SitePair, *, bias: bool) -> None:
+        super().__init__()
+        site = pair.site
+        c, g = site.channels, site.groups
+        k = c // g
+        eye = torch.eye(k).repeat(g, 1)  # (C, C/G): identity block in every group
+        self.pair = pair
+        self.dims = site.dims
+        self.groups = g
+        self.weight = nn.Parameter(eye)
+        self.bias = nn.Parameter(torch.zeros(c)) if bias else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        w = self.weight.to(x.dtype)
+        b = self.bias.to(x.dtype) if self.bias is not None else None
+        if self.dims == 0:
+            return F.linear(x, w, b)
+        return _CONV[self.dims](x, w.reshape(*w.shape, *([1] * self.dims)), b, groups=self.groups)
+
+
+class KernelAdapter(nn.Module):
+    """Passes the site through until solved; then recomputes it from the producer's input."""
+
+    def __init__(self, pair: SitePair, producer: nn.Module, *, bias: bool) -> None:
+        super().__init__()
+        self.pair = pair
+        self.dims = pair.site.dims
+        self.has_bias = bias
+        self.conv_args = (
+            {}
+            if self.dims == 0
+            else {
+                "stride": producer.stride,
+                "padding": producer.padding,
+                "dilation": producer.dilation,
+                "groups": producer.groups,
+            }
+        )
+        self.weight: nn.Parameter | None = None
+        self.bias: nn.Parameter | None = None
+
+    def set_kernel(self, weight: torch.Tensor, bias: torch.Tensor | None) -> None:
+        self.weight = nn.Parameter(weight)
+        self.bias = nn.Parameter(bias) if bias is not None else None
+
+    def forward(self, y: torch.Tensor, x_in: torch.Tensor) -> torch.Tensor:
+        if self.weight is None:
+            return y
+        w = self.weight.to(x_in.dtype)
+        b = self.bias.to(x_in.dtype) if self.bias is not None else None
+        if self.dims == 0:
+            return F.linear(x_in, w, b)
+        return _CONV[self.dims](x_in, w, b, **self.conv_args)
+
+
+ADAPTER_TYPES = (PointwiseAdapter, KernelAdapter)

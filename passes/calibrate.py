@@ -1,0 +1,325 @@
+"""CalibrateAdapters: solve every adapter in closed form, block by block, in one forward pass of
+each network.
+
+For the adapters meeting at a point P (one, or two at a residual ``add``), with the student's own
+already-corrected features X at the site, the teacher's value Y at the matched point (restricted
+to the student's kept channels) and the student's residual R::
+
+    W* = argmin Σ ||X W + c − (Y − R)||²  (+ ridge towards the student as it is)
+
+pointwise mode: X is the site's value (C channels per position), W the 1x1 ``Q``;
+kernel mode: X is the producer's input patches (im2col), W the producer's whole kernel.
+Both are per group of the producer (block-diagonal ``Q`` / grouped kernel).
+
+The teacher and the student run node by node in lockstep (GraphRunner): the student stops at
+each point, the teacher advances to the matched point, the normal equations accumulate over all
+sample chunks, the solve happens, the adapters are applied to the held values, and both go on.
+Each network therefore runs exactly once over the samples, whatever the number of blocks.
+"""
+
+from __future__ import annotations
+
+import logging
+import warnings
+from dataclasses import dataclass
+
+import torch
+import torch.fx as fx
+from torch import nn
+from torch.fx.passes.infra.pass_base import PassResult
+from tqdm.auto import tqdm
+
+from fxkd.config import CompressConfig
+from fxkd.errors import CalibrationError
+from fxkd.fold import effective_affine
+from fxkd.lstsq import NormalEquations
+from fxkd.patches import patches, rows
+from fxkd.trace import eval_mode, trace
+
+from .adapter import ADAPTER_TYPES, KernelAdapter, PointwiseAdapter
+from .base import FxkdPass
+from .runner import GraphRunner
+
+__all__ = ["CalibrateAdapters", "SiteRecord"]
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class SiteRecord:
+    """What calibration measured at one adapter (relative squared errors on the samples).
+
+    err_given: the student as given; err_before: this site with an identity adapter, fed by the
+    already-corrected student; err_after: after the solve."""
+
+    adapter: str
+    err_given: float | None
+    err_before: float
+    err_after: float
+    rows: int
+    unknowns: int
+
+
+@dataclass
+class _Member:
+    node: fx.Node
+    module: PointwiseAdapter | KernelAdapter
+    producer: nn.Module
+    batchnorm: nn.Module | None
+
+    @property
+    def groups(self) -> int:
+        return self.module.pair.site.groups
+
+    @property
+    def bias(self) -> bool:
+        return self.producer.bias is not None or self.batchnorm is not None
+
+    def features(self, runner: GraphRunner, i: int) -> torch.Tensor:
+        """(rows, groups, D) features of chunk i."""
+        if isinstance(self.module, KernelAdapter):
+            return patches(runner.value(self.node.args[1])[i], self.producer)
+        x = rows(runner.value(self.node.args[0])[i], self.module.dims)
+        return x.reshape(x.shape[0], self.groups, -1)
+
+    def prior(self) -> torch.Tensor:
+        """(groups, D[+1], K): the student as it is, what the ridge shrinks towards."""
+        g = self.groups
+        if isinstance(self.module, KernelAdapter):
+            a_mat, a_vec = effective_affine(self.producer, self.batchnorm)
+            k = a_mat.shape[0] // g
+            w = a_mat.reshape(g, k, -1).transpose(1, 2)
+        else:
+            k = self.module.pair.site.channels // g
+            w = torch.eye(k, dtype=torch.float64).expand(g, k, k)
+            a_vec = torch.zeros(g * k, dtype=torch.float64)
+        if self.bias:
+            w = torch.cat([w, a_vec.reshape(g, 1, k).to(w)], dim=1)
+        return w
+
+    def write(self, w: torch.Tensor, bias: torch.Tensor | None) -> None:
+        """Store a (groups, D, K) solution (and a (C,) bias) in the adapter."""
+        g, d, k = w.shape
+        weight = w.transpose(1, 2).reshape(g * k, d)
+        if isinstance(self.module, KernelAdapter):
+            weight = weight.reshape(self.producer.weight.shape)
+            self.module.set_kernel(
+                weight.float().to(self.producer.weight.device),
+                None if bias is None else bias.float().to(weight.device),
+            )
+        else:
+            with torch.no_grad():
+                self.module.weight.copy_(weight)
+                if self.module.bias is not None and bias is not None:
+                    self.module.bias.copy_(bias)
+
+
+class CalibrateAdapters(FxkdPass):
+    """Solve the adapters of a student GraphModule against ``teacher`` on ``samples``.
+
+    ``teacher`` is the GraphModule the alignment was made on (or the module, traced here with
+    ``config.leaf_modules``); ``reference``, optional, is the traced student as given, run along
+    to report its error at every point. Results per adapter are in ``self.records``."""
+
+    def __init__(
+        self,
+        teacher: nn.Module,
+        samples: torch.Tensor,
+        config: CompressConfig | None = None,
+        reference: fx.GraphModule | None = None,
+    ) -> None:
+        self.config = config or CompressConfig()
+        self.teacher = (
+            teacher
+            if isinstance(teacher, fx.GraphModule)
+            else trace(teacher, leaf_modules=self.config.leaf_modules)
+        )
+        self.samples = samples
+        self.reference = reference
+        self.records: dict[str, SiteRecord] = {}
+
+    def call(self, graph_module: fx.GraphModule) -> PassResult:
+        gm = graph_module
+        groups = _groups(gm)
+        if not groups:
+            return PassResult(gm, False)
+        device = torch.device(self.config.device) if self.config.device else _device(gm)
+        t_nodes = {n.name: n for n in self.teacher.graph.nodes}
+        missing = [
+            m.module.pair.teacher_point
+            for ms in groups.values()
+            for m in ms
+            if m.module.pair.teacher_point not in t_nodes
+        ]
+        if missing:
+            raise CalibrationError(
+                f"teacher nodes {missing} not found: the teacher given to CalibrateAdapters is "
+                "not the graph the alignment was made on. Hint: pass the same traced teacher."
+            )
+        chunks = list(self.samples.float().split(self.config.chunk_size))
+        targets = [t_nodes[ms[0].module.pair.teacher_point] for ms in groups.values()]
+        teacher = GraphRunner(
+            self.teacher, [c.to(_device(self.teacher)) for c in chunks], pinned=targets
+        )
+        student = GraphRunner(gm, [c.to(device) for c in chunks])
+        reference = None
+        if self.reference is not None:
+            r_nodes = {n.name: n for n in self.reference.graph.nodes}
+            reference = GraphRunner(self.reference, [c.to(_device(self.reference)) for c in chunks])
+            reference.pinned = {r_nodes[ms[0].module.pair.site.point] for ms in groups.values()}
+        pending = {m.node for ms in groups.values() for m in ms}
+        models = [m for m in (self.teacher, gm, self.reference) if m is not None]
+        self.records = {}
+        with torch.no_grad(), eval_mode(*models):
+            for point, members in tqdm(
+                groups.items(),
+                desc="fxkd calibrate",
+                unit="block",
+                disable=not self.config.progress,
+            ):
+                target_node = t_nodes[members[0].module.pair.teacher_point]
+                self._solve(
+                    point, members, target_node, teacher, student, reference, pending, device
+                )
+                teacher.unpin(target_node)
+        return PassResult(gm, True)
+
+    def _solve(self, point, members, target_node, teacher, student, reference, pending, device):
+        student.run_until(point, defer=pending)
+        pair = members[0].module.pair
+        dims = pair.site.dims
+        cmap = (
+            torch.tensor(pair.channel_map, device=device) if pair.channel_map is not None else None
+        )
+        t_values = teacher.run_through(target_node)
+        targets = []
+        for t in t_values:
+            y = rows(t.to(device).float(), dims)
+            targets.append(y.index_select(1, cmap) if cmap is not None else y)
+            _check_finite(targets[-1], f"teacher node {target_node.name}")
+        member_nodes = {m.node for m in members}
+        residual = [a for a in point.all_input_nodes if a not in member_nodes]
+        residual_node = residual[0] if point not in member_nodes and residual else None
+        err_before = self._identity_error(student, members, residual_node, targets, dims)
+        if len(members) == 1 or all(m.groups == 1 for m in members):
+            rows_seen, unknowns = self._solve_jointly(student, members, residual_node, targets)
+        else:  # residual add of grouped producers: block-coordinate descent over the members
+            rows_seen = unknowns = 0
+            for m in members:
+                others = [o for o in members if o is not m]
+                rows_seen, u = self._solve_jointly(
+                    student, [m], residual_node, targets, extra=others
+                )
+                unknowns += u
+        for m in members:
+            pending.discard(m.node)
+            student.run_node(m.node)
+        if point not in member_nodes:
+            student.run_node(point)
+        err_after = _rel_error(student.value(point), targets, dims)
+        err_given = None
+        if reference is not None:
+            r_node = next(n for n in reference.nodes if n.name == pair.site.point)
+            err_given = _rel_error(reference.run_through(r_node), targets, dims)
+            reference.unpin(r_node)
+        for m in members:
+            self.records[str(m.node.target)] = SiteRecord(
+                str(m.node.target), err_given, err_before, err_after, rows_seen, unknowns
+            )
+        log.debug("%s: rel err %.4g -> %.4g", point.name, err_before, err_after)
+
+    def _identity_error(self, student, members, residual_node, targets, dims) -> float:
+        num = den = 0.0
+        for i, y in enumerate(targets):
+            s = sum(rows(student.value(m.node.args[0])[i], dims) for m in members)
+            if residual_node is not None:
+                s = s + rows(student.value(residual_node)[i], dims)
+            num += float((y - s).double().pow(2).sum())
+            den += float(y.double().pow(2).sum())
+        return num / max(den, 1e-300)
+
+    def _solve_jointly(self, student, members, residual_node, targets, extra=()):
+        """One least-squares system over the members' features (concatenated when several)."""
+        g = members[0].groups
+        dims = members[0].module.dims
+        bias = any(m.bias for m in members)
+        first = members[0].features(student, 0)
+        sizes = [first.shape[-1]] + [m.features(student, 0).shape[-1] for m in members[1:]]
+        channels = targets[0].shape[1]
+        eqs = NormalEquations(g, sum(sizes), channels // g, bias=bias, device=targets[0].device)
+        for i, y in enumerate(targets):
+            feats = torch.cat([m.features(student, i) for m in members], dim=-1).float()
+            _check_finite(feats, f"student features at {members[0].node.args[0].name}")
+            if residual_node is not None:
+                y = y - rows(student.value(residual_node)[i], dims)
+            for o in extra:  # other members held fixed at their current output
+                y = y - rows(o.module(*[student.value(a)[i] for a in o.node.args]), dims)
+            eqs.update(feats.transpose(0, 1), y.reshape(y.shape[0], g, -1).transpose(0, 1))
+        eqs.all_reduce()
+        unknowns = eqs.gram.shape[-1]
+        if eqs.rows < unknowns:
+            warnings.warn(
+                f"{members[0].node.name}: {eqs.rows} sample rows for {unknowns} unknowns per "
+                "output; the ridge decides the rest. Hint: more samples, or mode='pointwise'.",
+                stacklevel=3,
+            )
+        priors = [m.prior() for m in members]
+        prior = torch.cat([p[:, :s] for p, s in zip(priors, sizes, strict=True)], dim=1)
+        if bias:
+            bias_row = next((p[:, -1:] for p, m in zip(priors, members, strict=True) if m.bias))
+            prior = torch.cat([prior, bias_row], dim=1)
+        w = eqs.solve(self.config.ridge, prior)
+        offset = 0
+        bias_vec = w[:, -1, :].reshape(-1) if bias else None
+        for m, size in zip(members, sizes, strict=True):
+            m.write(w[:, offset : offset + size], bias_vec if m.bias else None)
+            if m.bias:
+                bias_vec = torch.zeros_like(bias_vec)  # the first member carries the bias
+            offset += size
+        return eqs.rows, unknowns
+
+
+def _groups(gm: fx.GraphModule) -> dict[fx.Node, list[_Member]]:
+    """Adapters grouped by the point where they are solved, in topological order."""
+    nodes = {n.name: n for n in gm.graph.nodes}
+    groups: dict[fx.Node, list[_Member]] = {}
+    for node in gm.graph.nodes:
+        if node.op != "call_module":
+            continue
+        module = gm.get_submodule(str(node.target))
+        if not isinstance(module, ADAPTER_TYPES):
+            continue
+        site = module.pair.site
+        point = node if site.point == site.anchor else nodes.get(site.point)
+        if point is None:
+            raise CalibrationError(f"point {site.point} of adapter {node.name} is not in the graph")
+        anchor = node.args[0]
+        bn = None
+        if anchor.name == site.batchnorm:
+            bn = gm.get_submodule(str(anchor.target))
+            anchor = anchor.args[0]
+        producer = gm.get_submodule(str(anchor.target))
+        groups.setdefault(point, []).append(_Member(node, module, producer, bn))
+    order = {n: i for i, n in enumerate(gm.graph.nodes)}
+    return dict(sorted(groups.items(), key=lambda kv: order[kv[0]]))
+
+
+def _rel_error(values: list[torch.Tensor], targets: list[torch.Tensor], dims: int) -> float:
+    num = den = 0.0
+    for v, y in zip(values, targets, strict=True):
+        num += float((y - rows(v, dims).to(y)).double().pow(2).sum())
+        den += float(y.double().pow(2).sum())
+    return num / max(den, 1e-300)
+
+
+def _check_finite(t: torch.Tensor, where: str) -> None:
+    if not torch.isfinite(t).all():
+        raise CalibrationError(
+            f"NaN or Inf in {where}. Hint: check the samples' scale and the model's weights; "
+            "fxkd solves on finite features only."
+        )
+
+
+def _device(module: nn.Module) -> torch.device:
+    p = next(module.parameters(), None)
+    return p.device if p is not None else torch.device("cpu")

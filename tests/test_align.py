@@ -1,0 +1,97 @@
+import operator
+
+import pytest
+import torch
+
+from fxkd.align import align, block_cuts, find_sites, is_mirror
+from fxkd.errors import AlignmentError
+from fxkd.trace import trace
+
+from models import VGGStyle, make, prune_internal_resnet, prune_internal_vgg, randomize_bn
+
+
+def _gm(model, shape):
+    return trace(model, torch.randn(2, *shape))
+
+
+def test_vgg_sites_are_every_conv_and_the_head():
+    model, shape = make("vgg")
+    sites, skipped = find_sites(_gm(model, shape))
+    assert [s.point for s in sites] == [f"features_{i}" for i in (1, 4, 8, 11)] + ["head"]
+    assert all(s.residual is None for s in sites)
+    assert skipped == []
+
+
+def test_resnet_sites_meet_at_residual_adds():
+    model, shape = make("resnet")
+    gm = _gm(model, shape)
+    sites, _ = find_sites(gm)
+    adds = [n for n in gm.graph.nodes if n.target in (operator.add, operator.iadd)]
+    assert len(adds) == 6
+    at_adds = [s for s in sites if s.point in {a.name for a in adds}]
+    # conv2 of each of the 6 blocks, plus the 2 projection shortcuts
+    assert len(at_adds) == 8
+    assert len(sites) == 1 + 6 * 2 + 2 + 1  # stem, conv1+conv2 per block, projections, head
+    cuts = {n.name for n in block_cuts(gm)}
+    assert {a.name for a in adds} <= cuts
+
+
+def test_mirror_alignment_uses_channel_maps():
+    teacher, shape = make("vgg")
+    student, maps = prune_internal_vgg(teacher)
+    t, s = _gm(teacher, shape), _gm(student, shape)
+    assert is_mirror(t, s)
+    alignment = align(t, s, channel_maps=maps)
+    assert alignment.strategy == "mirror"
+    assert len(alignment.pairs) == 5
+    mapped = [p for p in alignment.pairs if p.channel_map is not None]
+    assert len(mapped) == 3 and all(p.map_source == "given" for p in mapped)
+
+
+def test_missing_channel_map_skips_with_reason():
+    teacher, shape = make("resnet")
+    student, _ = prune_internal_resnet(teacher)
+    alignment = align(_gm(teacher, shape), _gm(student, shape))
+    reasons = [s.reason for s in alignment.skipped]
+    assert len(reasons) == 6 and all("no channel map" in r for r in reasons)
+    assert len(alignment.pairs) == 1 + 6 + 2 + 1
+
+
+def test_unknown_channel_map_key_is_an_alignment_error():
+    teacher, shape = make("vgg")
+    with pytest.raises(AlignmentError, match="not conv/linear modules"):
+        align(_gm(teacher, shape), _gm(teacher, shape), channel_maps={"nope": [0]})
+
+
+def test_hand_designed_student_aligns_at_cuts_by_signature():
+    torch.manual_seed(0)
+    teacher = randomize_bn(VGGStyle((8, 16, 16, 32)))
+    student = randomize_bn(VGGStyle((8, 16, 32)))
+    shape = (3, 16, 16)
+    alignment = align(_gm(teacher, shape), _gm(student, shape))
+    assert alignment.strategy == "cuts"
+    pairs = [(p.site.point, p.teacher_point) for p in alignment.pairs]
+    assert pairs == [
+        ("features_1", "features_1"),
+        ("features_4", "features_4"),
+        ("features_8", "features_11"),
+        ("head", "head"),
+    ]
+
+
+def test_block_granularity_keeps_only_boundaries():
+    teacher, shape = make("resnet")
+    alignment = align(_gm(teacher, shape), _gm(teacher, shape), granularity="block")
+    # stem, the 6 adds (8 sites: two projections), the head; inner conv1s are inside blocks
+    assert len(alignment.pairs) == 1 + 8 + 1
+    assert sum("inside a block" in s.reason for s in alignment.skipped) == 6
+
+
+def test_incompatible_pair_raises_alignment_error_listing_both_sides():
+    teacher, _ = make("vgg")
+    other, _ = make("conv1d")
+    t = _gm(teacher, (3, 16, 16))
+    s = _gm(other, (4, 32))
+    with pytest.raises(AlignmentError, match="teacher boundaries") as info:
+        align(t, s)
+    assert "student sites" in str(info.value)

@@ -1,0 +1,111 @@
+"""compress end to end: planted solutions, pruned students, ONNX parity, inputs untouched."""
+
+import copy
+
+import pytest
+import torch
+
+import fxkd
+from fxkd.errors import EmptyLoaderError, FxkdError
+from fxkd.passes import KernelAdapter, PointwiseAdapter
+
+from models import ZOO, make, plant, prune_internal_resnet, prune_internal_vgg
+
+
+def _rel(a, b):
+    return float((a - b).norm() / b.norm())
+
+
+@pytest.mark.parametrize("mode", ["pointwise", "kernel"])
+@pytest.mark.parametrize("name", sorted(ZOO))
+def test_planted_solution_is_recovered(name, mode):
+    """Every producer of the student is the teacher's mixed by a random invertible matrix near
+    identity; the exact recovery exists, so compress must find it (held-out inputs)."""
+    teacher, shape = make(name)
+    student = plant(teacher)
+    calib, held_out = torch.randn(256, *shape), torch.randn(64, *shape)
+    # noise-free problem: a tiny ridge (the default trades exactness for few-sample robustness)
+    result = fxkd.compress(teacher, student, calib, mode=mode, ridge=1e-9, progress=False)
+    with torch.no_grad():
+        expected, before, after = teacher(held_out), student(held_out), result.model(held_out)
+    assert _rel(before, expected) > 0.05
+    assert _rel(after, expected) < 1e-4
+    assert all(r.folded for r in result.report.calibrated)
+
+
+PRUNED = {
+    "vgg": (lambda t: prune_internal_vgg(t, keep=0.5)),
+    "resnet": (lambda t: prune_internal_resnet(t, keep=0.5)),
+}
+
+
+@pytest.mark.parametrize("mode", ["pointwise", "kernel"])
+@pytest.mark.parametrize("name", sorted(PRUNED))
+def test_pruned_student_end_to_end(name, mode, tmp_path):
+    teacher, shape = make(name)
+    student, maps = PRUNED[name](teacher)
+    samples = torch.randn(192, *shape)
+    n_params = sum(p.numel() for p in student.parameters())
+    result = fxkd.compress(
+        teacher,
+        student,
+        [(samples[i : i + 64], None) for i in (0, 64, 128)],
+        mode=mode,
+        channel_maps=maps,
+        onnx=tmp_path / "student.onnx",
+        progress=False,
+    )
+    rows = result.report.calibrated
+    assert len(rows) == len(result.alignment.pairs) and not result.alignment.skipped
+    for row in rows:
+        if row.err_given > 1e-12:  # a block the pruning changed
+            assert row.err_after < row.err_given, row
+        else:  # an untouched block (the stem) stays exact
+            assert row.err_after < 1e-10, row
+        assert row.folded
+    assert sum(p.numel() for p in result.model.parameters()) == n_params
+    assert not any(isinstance(m, (PointwiseAdapter, KernelAdapter)) for m in result.model.modules())
+    result.model.graph.lint()
+    report = result.onnx
+    assert report.passed and report.max_abs < 1e-4, report
+    assert report.same_size and report.initializer_elements == report.reference_elements
+    assert "CPUExecutionProvider" in report.providers
+    text = str(result.report)
+    assert "err given" in text and rows[0].student in text
+
+
+def test_inputs_are_not_mutated():
+    teacher, shape = make("resnet")
+    student, maps = prune_internal_resnet(teacher)
+    teacher.train()
+    student.train()
+    student.blocks[1].eval()
+    t_state, s_state = copy.deepcopy(teacher.state_dict()), copy.deepcopy(student.state_dict())
+    t_flags = [m.training for m in teacher.modules()]
+    s_flags = [m.training for m in student.modules()]
+    fxkd.compress(teacher, student, torch.randn(64, *shape), channel_maps=maps, progress=False)
+    for before, model in ((t_state, teacher), (s_state, student)):
+        after = model.state_dict()
+        assert before.keys() == after.keys()
+        assert all(torch.equal(before[k], after[k]) for k in before)
+    assert [m.training for m in teacher.modules()] == t_flags
+    assert [m.training for m in student.modules()] == s_flags
+
+
+def test_config_and_keywords():
+    teacher, shape = make("vgg")
+    student = plant(teacher)
+    cfg = fxkd.CompressConfig(num_samples=32, mode="pointwise", progress=False)
+    result = fxkd.compress(teacher, student, torch.randn(100, *shape), config=cfg, ridge=1e-3)
+    assert result.report.num_samples == 32 and result.report.mode == "pointwise"
+    with pytest.raises(fxkd.ConfigError, match="unknown option"):
+        fxkd.compress(teacher, student, torch.randn(8, *shape), num_sample=8)
+    with pytest.raises(fxkd.ConfigError, match="mode"):
+        fxkd.CompressConfig(mode="magic")
+
+
+def test_empty_loader_is_a_clear_fxkd_error():
+    teacher, _ = make("vgg")
+    with pytest.raises(EmptyLoaderError, match="no samples") as info:
+        fxkd.compress(teacher, copy.deepcopy(teacher), [], progress=False)
+    assert isinstance(info.value, FxkdError)

@@ -1,0 +1,144 @@
+"""Fold exactness: random adapters folded vs unfolded, in fp64, every parameter shape kept."""
+
+import pytest
+import torch
+import torch.fx as fx
+from torch import nn
+
+from fxkd.align import align
+from fxkd.passes import FoldAdapters, FoldBatchNorm, InsertAdapters, KernelAdapter
+from fxkd.trace import trace
+
+from models import randomize_bn
+
+
+class Site(nn.Module):
+    def __init__(self, producer: nn.Module, bn: nn.Module | None):
+        super().__init__()
+        self.producer = producer
+        self.bn = bn
+
+    def forward(self, x):
+        y = self.producer(x)
+        return torch.relu(self.bn(y) if self.bn is not None else y)
+
+
+CONVS = {
+    "dense": dict(groups=1),
+    "grouped": dict(groups=4),
+    "depthwise": dict(groups=8),
+}
+
+
+def _cases():
+    for name, kw in CONVS.items():
+        for bias in (True, False):
+            for bn in (True, False):
+                yield pytest.param(
+                    "conv",
+                    kw["groups"],
+                    bias,
+                    bn,
+                    id=f"conv-{name}-{'bias' if bias else 'nobias'}-{'bn' if bn else 'nobn'}",
+                )
+    for bias in (True, False):
+        for bn in (True, False):
+            yield pytest.param(
+                "linear",
+                1,
+                bias,
+                bn,
+                id=f"linear-{'bias' if bias else 'nobias'}-{'bn' if bn else 'nobn'}",
+            )
+
+
+def _model(kind, groups, bias, bn):
+    if kind == "conv":
+        producer = nn.Conv2d(8, 16, 3, padding=1, groups=groups, bias=bias)
+        norm = nn.BatchNorm2d(16) if bn else None
+        shape = (4, 8, 6, 6)
+    else:
+        producer = nn.Linear(8, 16, bias=bias)
+        norm = nn.BatchNorm1d(16) if bn else None
+        shape = (4, 8)
+    return randomize_bn(Site(producer, norm)).double(), shape
+
+
+def _randomize_adapters(gm: fx.GraphModule, producer: nn.Module) -> None:
+    g = torch.Generator().manual_seed(1)
+    for m in gm.modules():
+        if isinstance(m, KernelAdapter):
+            w = torch.randn(producer.weight.shape, generator=g, dtype=torch.float64)
+            b = torch.randn(producer.weight.shape[0], generator=g, dtype=torch.float64)
+            m.set_kernel(w, b if m.has_bias else None)
+        elif hasattr(m, "pair"):
+            with torch.no_grad():
+                m.weight.copy_(
+                    m.weight + 0.3 * torch.randn(m.weight.shape, generator=g, dtype=torch.float64)
+                )
+                if m.bias is not None:
+                    m.bias.copy_(torch.randn(m.bias.shape, generator=g, dtype=torch.float64))
+
+
+@pytest.mark.parametrize("mode", ["pointwise", "kernel"])
+@pytest.mark.parametrize(("kind", "groups", "bias", "bn"), list(_cases()))
+def test_fold_is_exact_in_fp64(kind, groups, bias, bn, mode):
+    model, shape = _model(kind, groups, bias, bn)
+    x = torch.randn(*shape, dtype=torch.float64)
+    gm = trace(model, x)
+    shapes = {k: v.shape for k, v in model.state_dict().items()}
+    alignment = align(trace(model, x), gm)
+    assert len(alignment.pairs) == 1
+    InsertAdapters(alignment, mode)(gm)
+    gm.double()
+    _randomize_adapters(gm, model.producer)
+    with torch.no_grad():
+        unfolded = gm(x)
+    fold = FoldAdapters()
+    result = fold(gm)
+    assert result.modified and list(fold.outcome.values()) == [None]
+    assert not any(hasattr(m, "pair") for m in gm.modules()), "an adapter remains"
+    with torch.no_grad():
+        folded = gm(x)
+    rel = float((folded - unfolded).norm() / unfolded.norm())
+    assert rel < 1e-10
+    assert {k: v.shape for k, v in gm.state_dict().items()} == shapes
+
+
+def test_fold_batchnorm_is_exact_and_removes_bn():
+    model, shape = _model("conv", 4, False, True)
+    x = torch.randn(*shape, dtype=torch.float64)
+    gm = trace(model, x)
+    with torch.no_grad():
+        before = gm(x)
+    result = FoldBatchNorm()(gm)
+    assert result.modified
+    assert not any(isinstance(m, nn.BatchNorm2d) for m in gm.modules())
+    with torch.no_grad():
+        torch.testing.assert_close(gm(x), before, rtol=1e-10, atol=1e-12)
+
+
+def test_fold_refuses_a_producer_with_other_users():
+    model, shape = _model("conv", 1, True, True)
+    x = torch.randn(*shape, dtype=torch.float64)
+    gm = trace(model, x)
+    alignment = align(trace(model, x), gm)
+    InsertAdapters(alignment, "pointwise")(gm)
+    gm.double()
+    _randomize_adapters(gm, model.producer)
+    # a toolchain later gives the producer another user: folding would change that user
+    producer = next(n for n in gm.graph.nodes if n.target == "producer")
+    output = next(n for n in gm.graph.nodes if n.op == "output")
+    with gm.graph.inserting_before(output):
+        extra = gm.graph.call_method("mean", (producer,))
+        total = gm.graph.call_function(torch.add, (output.args[0], extra))
+    output.args = (total,)
+    gm.recompile()
+    with torch.no_grad():
+        before = gm(x)
+    fold = FoldAdapters()
+    fold(gm)
+    (reason,) = fold.outcome.values()
+    assert reason is not None and "other users" in reason
+    with torch.no_grad():
+        torch.testing.assert_close(gm(x), before)  # kept adapter: still the same function
