@@ -11,9 +11,10 @@ compared with the teacher::
 
 Two strategies pair student sites with teacher points:
 
-* **mirror** (pruned or slimmed students): both graphs have the same ops and edges in the same
-  topological order, only widths differ. Node i of the student pairs with node i of the teacher,
-  so every site is matched, inside blocks too.
+* **mirror** (pruned, slimmed or decoupled students): both graphs have the same ops and edges
+  in the same topological order, only widths differ (a conv feeding another conv directly, the
+  depthwise half of a decoupled layer, is collapsed into its partner first). Node i of the
+  student pairs with node i of the teacher, so every site is matched, inside blocks too.
 * **cuts** (any other student): block boundaries are the nodes every input→output path passes
   through (networkx dominators of the output). The student's sites at boundaries and the
   teacher's pre-nonlinearity boundaries are aligned in order by signature (spatial shape,
@@ -52,6 +53,7 @@ __all__ = [
     "block_cuts",
     "find_sites",
     "is_mirror",
+    "mirror_map",
 ]
 
 log = logging.getLogger(__name__)
@@ -167,6 +169,15 @@ def find_sites(gm: fx.GraphModule) -> tuple[list[Site], list[SkippedSite]]:
                 other = operands[1] if operands[0] is anchor else operands[0]
                 if not _depends_on(other, anchor):
                     point, residual = user, other
+        if len(anchor.users) == 1 and affine_module(gm, next(iter(anchor.users))) is not None:
+            skipped.append(
+                SkippedSite(
+                    node.name,
+                    "feeds another conv/linear directly (a factorised layer: "
+                    "the adapter goes after the last factor)",
+                )
+            )
+            continue
         if not _reaches_activation_or_output(gm, point):
             skipped.append(
                 SkippedSite(
@@ -197,24 +208,52 @@ def find_sites(gm: fx.GraphModule) -> tuple[list[Site], list[SkippedSite]]:
     return sites, skipped
 
 
-def _structure(gm: fx.GraphModule) -> list[tuple]:
-    """Each node's op kind and the positions of its inputs: equal lists = mirror graphs."""
-    index = {n: i for i, n in enumerate(gm.graph.nodes)}
-    out = []
+def _collapsed(gm: fx.GraphModule, node: fx.Node) -> bool:
+    """A conv/linear whose only user is another conv/linear: the first factor of a decoupled
+    (depthwise → pointwise) or low-rank pair, one layer of the teacher."""
+    if affine_module(gm, node) is None or len(node.users) != 1:
+        return False
+    (user,) = node.users
+    return affine_module(gm, user) is not None
+
+
+def _structure(gm: fx.GraphModule) -> tuple[list[fx.Node], list[tuple]]:
+    """The graph's nodes with factorised layers collapsed, and each one's op kind and input
+    positions: equal structures = mirror graphs."""
+    rep: dict[fx.Node, fx.Node] = {}
+    kept: list[fx.Node] = []
     for n in gm.graph.nodes:
+        if _collapsed(gm, n):
+            rep[n] = rep.get(n.all_input_nodes[0], n.all_input_nodes[0])
+        else:
+            rep[n] = n
+            kept.append(n)
+    index = {n: i for i, n in enumerate(kept)}
+    out = []
+    for n in kept:
         if n.op == "call_module":
             kind = type(gm.get_submodule(str(n.target)))
         elif n.op in ("call_function", "call_method"):
             kind = n.target
         else:
             kind = None
-        out.append((n.op, kind, tuple(index[a] for a in n.all_input_nodes)))
-    return out
+        out.append((n.op, kind, tuple(index[rep[a]] for a in n.all_input_nodes)))
+    return kept, out
+
+
+def mirror_map(teacher: fx.GraphModule, student: fx.GraphModule) -> dict[str, str] | None:
+    """Student node name → teacher node name when the graphs mirror each other (same ops and
+    edges in the same order, widths free, decoupled layers collapsed), else None."""
+    s_nodes, s_struct = _structure(student)
+    t_nodes, t_struct = _structure(teacher)
+    if s_struct != t_struct:
+        return None
+    return {s.name: t.name for s, t in zip(s_nodes, t_nodes, strict=True)}
 
 
 def is_mirror(teacher: fx.GraphModule, student: fx.GraphModule) -> bool:
-    """Same ops and edges in the same order (widths may differ): a pruned or slimmed student."""
-    return _structure(teacher) == _structure(student)
+    """Whether the student mirrors the teacher (pruned, slimmed or decoupled)."""
+    return mirror_map(teacher, student) is not None
 
 
 def block_cuts(gm: fx.GraphModule) -> list[fx.Node]:
@@ -245,7 +284,7 @@ def block_cuts(gm: fx.GraphModule) -> list[fx.Node]:
 
 
 def _pair(
-    site: Site, t_node: fx.Node, channel_maps: Mapping[str, Sequence[int]]
+    site: Site, t_node: fx.Node, channel_maps: Mapping[str, Sequence[int]], source: str = "given"
 ) -> SitePair | SkippedSite:
     t_shape = node_shape(t_node)
     if t_shape is None or len(t_shape) != len(site.shape):
@@ -269,7 +308,7 @@ def _pair(
                 f"channels (max {max(cmap)}) but the site has {site.channels} and "
                 f"the teacher {t_channels}",
             )
-        return SitePair(site, t_node.name, t_channels, cmap, "given")
+        return SitePair(site, t_node.name, t_channels, cmap, source)
     if site.channels != t_channels:
         return SkippedSite(
             site.producer,
@@ -328,10 +367,12 @@ def align(
     *,
     channel_maps: Mapping[str, Sequence[int]] | None = None,
     granularity: str = "layer",
+    map_source: str = "given",
 ) -> Alignment:
     """Pair the student's sites with teacher points (both graphs traced with shapes).
 
-    Raises AlignmentError, listing both sides' signatures, when no pair at all is found."""
+    ``map_source`` says where the channel maps came from ("given", "builder"); the report shows
+    it. Raises AlignmentError, listing both sides' signatures, when no pair at all is found."""
     channel_maps = dict(channel_maps or {})
     unknown = sorted(
         set(channel_maps)
@@ -345,9 +386,9 @@ def align(
     sites, skipped = find_sites(student)
     t_nodes = {n.name: n for n in teacher.graph.nodes}
     s_cuts = {n.name for n in block_cuts(student)}
-    if is_mirror(teacher, student):
+    mirror = mirror_map(teacher, student)
+    if mirror is not None:
         strategy = "mirror"
-        mirror = dict(zip([n.name for n in student.graph.nodes], t_nodes, strict=True))
         if granularity == "block":
             kept = [s for s in sites if s.point in s_cuts]
             skipped += [
@@ -356,7 +397,7 @@ def align(
                 if s.point not in s_cuts
             ]
             sites = kept
-        results = [_pair(s, t_nodes[mirror[s.point]], channel_maps) for s in sites]
+        results = [_pair(s, t_nodes[mirror[s.point]], channel_maps, map_source) for s in sites]
     else:
         strategy = "cuts"
         t_points = [n for n in block_cuts(teacher) if _reaches_activation_or_output(teacher, n)]
@@ -367,7 +408,7 @@ def align(
             if s.point not in s_cuts
         ]
         trial = {
-            (i, j): _pair(s, t, channel_maps)
+            (i, j): _pair(s, t, channel_maps, map_source)
             for i, s in enumerate(boundary)
             for j, t in enumerate(t_points)
         }

@@ -20,6 +20,7 @@ from fxkd.errors import ConfigError
 from fxkd.onnx import ValidationReport, export_onnx, exported_elements, validate_onnx
 from fxkd.passes import CalibrateAdapters, FoldAdapters, FoldBatchNorm, InsertAdapters
 from fxkd.report import BlockRow, Report
+from fxkd.students import channel_maps_of
 from fxkd.trace import trace
 
 __all__ = ["CompressResult", "compress"]
@@ -77,8 +78,11 @@ def compress(
     reference = trace(student, example.to(_device(student)), leaf_modules=cfg.leaf_modules)
     work = copy.deepcopy(student).to(device)
     student_gm = trace(work, example.to(device), leaf_modules=cfg.leaf_modules)
+    maps, source = dict(cfg.channel_maps), "given"
+    if not maps:
+        maps, source = channel_maps_of(student), "builder"
     alignment = align(
-        teacher_gm, student_gm, channel_maps=cfg.channel_maps, granularity=cfg.granularity
+        teacher_gm, student_gm, channel_maps=maps, granularity=cfg.granularity, map_source=source
     )
     log.info("%s", alignment)
 

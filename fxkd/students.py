@@ -1,0 +1,172 @@
+"""Student builders that record how the student's channels map to the teacher's.
+
+``prune`` removes whole filters (and everything coupled to them: BatchNorms, the next layers'
+input channels, residual partners, concatenations, grouped/depthwise convs) with torch-pruning's
+dependency graph, choosing the filters itself so the kept indices are known exactly. ``decouple``
+replaces each regular k×k conv by a depthwise k×k conv and a pointwise 1×1 conv (network
+decoupling), initialised from a per-input-channel SVD of the kernel.
+
+The builders store the channel maps on the returned student (attribute ``fxkd_channel_maps``,
+``{module name: kept teacher output channels}``), where ``fxkd.compress`` finds them.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import math
+
+import torch
+from torch import nn
+
+from fxkd.errors import ConfigError
+
+__all__ = ["CHANNEL_MAPS_ATTR", "channel_maps_of", "decouple", "prune"]
+
+log = logging.getLogger(__name__)
+CHANNEL_MAPS_ATTR = "fxkd_channel_maps"
+_CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
+
+
+def channel_maps_of(student: nn.Module) -> dict[str, list[int]]:
+    """The channel maps a builder recorded on ``student`` (empty when none)."""
+    return dict(getattr(student, CHANNEL_MAPS_ATTR, None) or {})
+
+
+def _importance(group, kind: str) -> torch.Tensor:
+    """Per-channel importance of a coupled group: summed L1 norms of its filters ("l1") or
+    summed |γ| of its BatchNorms ("bn", network slimming; L1 when the group has none)."""
+    import torch_pruning as tp
+
+    l1, gamma = None, None
+    for dep, idxs in group:
+        layer = dep.target.module
+        if dep.handler not in (
+            tp.prune_conv_out_channels,
+            tp.prune_linear_out_channels,
+            tp.prune_batchnorm_out_channels,
+        ):
+            continue
+        idx = torch.as_tensor(idxs)
+        if isinstance(layer, nn.modules.batchnorm._BatchNorm) and layer.weight is not None:
+            g = layer.weight.detach().abs()[idx]
+            gamma = g if gamma is None else gamma + g
+        elif isinstance(layer, (*_CONVS, nn.Linear)):
+            n = layer.weight.detach().flatten(1).abs().sum(1)[idx]
+            l1 = n if l1 is None else l1 + n
+    if kind == "bn" and gamma is not None:
+        return gamma
+    if l1 is None:
+        raise ConfigError("a pruning group holds no conv/linear filters")
+    return l1
+
+
+def prune(
+    teacher: nn.Module,
+    ratio: float,
+    *,
+    importance: str = "l1",
+    example_inputs: torch.Tensor,
+    ignored_layers: list[nn.Module] | None = None,
+) -> nn.Module:
+    """A filter-pruned copy of ``teacher`` with ``ratio`` of each coupled channel group removed.
+
+    importance: ``"l1"`` (Li et al., L1-norm filter pruning) or ``"bn"`` (Liu et al., network
+    slimming: BatchNorm |γ|). ``ignored_layers`` keep their output width (default: the last
+    Linear, so the classifier keeps its classes). Block outputs are pruned too; coupled channels
+    stay consistent. The teacher is untouched."""
+    import torch_pruning as tp
+
+    if not 0.0 <= ratio < 1.0:
+        raise ConfigError(f"ratio={ratio!r} must be in [0, 1)")
+    if importance not in ("l1", "bn"):
+        raise ConfigError(f"importance={importance!r} is not 'l1' or 'bn'")
+    student = copy.deepcopy(teacher).eval()
+    names = {m: n for n, m in student.named_modules()}
+    if ignored_layers is None:
+        ignored = [m for m in student.modules() if isinstance(m, nn.Linear)][-1:]
+    else:  # the user names teacher modules: ignore their copies in the student
+        teacher_names = {m: n for n, m in teacher.named_modules()}
+        copies = dict(student.named_modules())
+        ignored = [copies[teacher_names[m]] for m in ignored_layers]
+    graph = tp.DependencyGraph().build_dependency(student, example_inputs=example_inputs)
+    maps: dict[str, list[int]] = {}
+    for group in list(
+        graph.get_all_groups(ignored_layers=ignored, root_module_types=[*_CONVS, nn.Linear])
+    ):
+        scores = _importance(group, importance)
+        n_prune = min(math.floor(len(scores) * ratio), len(scores) - 1)
+        if n_prune <= 0:
+            continue
+        root = group[0].dep
+        order = scores.argsort()[:n_prune]
+        root_idxs = [group[0].idxs[int(i)] for i in order]
+        pruning = graph.get_pruning_group(root.target.module, root.handler, root_idxs)
+        if not graph.check_pruning_group(pruning):
+            log.info("group of %s cannot be pruned; kept", names.get(root.target.module))
+            continue
+        for dep, idxs in pruning:
+            layer = dep.target.module
+            if isinstance(layer, (*_CONVS, nn.Linear)) and dep.handler in (
+                tp.prune_conv_out_channels,
+                tp.prune_linear_out_channels,
+            ):
+                width = layer.weight.shape[0]
+                removed = set(int(i) for i in idxs)
+                maps[names[layer]] = [c for c in range(width) if c not in removed]
+        pruning.prune()
+    setattr(student, CHANNEL_MAPS_ATTR, maps)
+    return student
+
+
+def _decoupled(conv: nn.Module, rank: int) -> nn.Sequential:
+    """depthwise (C_in → rank·C_in, k) then pointwise (rank·C_in → C_out, 1): per input channel
+    c, ``W[:, c] ≈ Σ_r U_r s_r V_rᵀ`` (truncated SVD of the C_out × k^d slice); the depthwise
+    filters are V_r, the pointwise weights U_r·s_r. Exact when rank ≥ min(C_out, k^d)."""
+    dims = conv.weight.dim() - 2
+    conv_type = type(conv)
+    c_out, c_in = conv.weight.shape[:2]
+    taps = math.prod(conv.kernel_size)
+    r = min(rank, c_out, taps)
+    # per input channel c: the (C_out, k) slice W[:, c], factorised as U diag(s) Vh
+    w = conv.weight.detach().double().reshape(c_out, c_in, taps).permute(1, 0, 2)
+    u, s, vh = torch.linalg.svd(w, full_matrices=False)
+    depth_w = vh[:, :r, :].reshape(c_in * r, 1, *conv.kernel_size)
+    point_w = (u[:, :, :r] * s[:, None, :r]).permute(1, 0, 2).reshape(c_out, c_in * r)
+    like = {"dtype": conv.weight.dtype, "device": conv.weight.device}
+    depthwise = conv_type(
+        c_in,
+        c_in * r,
+        conv.kernel_size,
+        conv.stride,
+        conv.padding,
+        conv.dilation,
+        groups=c_in,
+        bias=False,
+        padding_mode=conv.padding_mode,
+        **like,
+    )
+    pointwise = conv_type(c_in * r, c_out, 1, bias=conv.bias is not None, **like)
+    with torch.no_grad():
+        depthwise.weight.copy_(depth_w.to(conv.weight))
+        pointwise.weight.copy_(point_w.reshape(c_out, c_in * r, *([1] * dims)).to(conv.weight))
+        if conv.bias is not None:
+            pointwise.bias.copy_(conv.bias)
+    return nn.Sequential(depthwise, pointwise)
+
+
+def decouple(teacher: nn.Module, *, rank: int = 1) -> nn.Module:
+    """A copy of ``teacher`` whose regular convs (kernel > 1, groups = 1) are each a depthwise
+    conv with channel multiplier ``rank`` followed by a pointwise conv (Guo et al., BMVC 2018)."""
+    if rank < 1:
+        raise ConfigError(f"rank={rank!r} must be >= 1")
+    student = copy.deepcopy(teacher).eval()
+    targets = [
+        (name, m)
+        for name, m in student.named_modules()
+        if isinstance(m, _CONVS) and m.groups == 1 and math.prod(m.kernel_size) > 1
+    ]
+    for name, conv in targets:
+        parent, _, attr = name.rpartition(".")
+        setattr(student.get_submodule(parent) if parent else student, attr, _decoupled(conv, rank))
+    return student
