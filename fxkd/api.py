@@ -49,6 +49,12 @@ def _device(module: nn.Module) -> torch.device:
     return p.device if p is not None else torch.device("cpu")
 
 
+def _like(x: torch.Tensor, module: nn.Module) -> torch.Tensor:
+    """``x`` on the module's device, in its floating dtype."""
+    p = next(module.parameters(), None)
+    return x.to(p.device, p.dtype) if p is not None else x
+
+
 def compress(
     teacher: nn.Module,
     student: nn.Module,
@@ -72,12 +78,12 @@ def compress(
     cfg = (config or CompressConfig()).replace(**options)
     samples = take_samples(loader, cfg.num_samples, key=cfg.input_key, seed=cfg.seed)
     device = torch.device(cfg.device) if cfg.device else _device(student)
-    example = samples[: min(len(samples), cfg.chunk_size)].float()
+    example = samples[: min(len(samples), cfg.chunk_size)]
 
-    teacher_gm = trace(teacher, example.to(_device(teacher)), leaf_modules=cfg.leaf_modules)
-    reference = trace(student, example.to(_device(student)), leaf_modules=cfg.leaf_modules)
+    teacher_gm = trace(teacher, _like(example, teacher), leaf_modules=cfg.leaf_modules)
+    reference = trace(student, _like(example, student), leaf_modules=cfg.leaf_modules)
     work = copy.deepcopy(student).to(device)
-    student_gm = trace(work, example.to(device), leaf_modules=cfg.leaf_modules)
+    student_gm = trace(work, _like(example, work), leaf_modules=cfg.leaf_modules)
     maps, source = dict(cfg.channel_maps), "given"
     if not maps:
         maps, source = channel_maps_of(student), "builder"
@@ -104,7 +110,7 @@ def compress(
     report = _report(alignment, insert, calibrate, fold, adapter_of, cfg, len(samples))
     validation = None
     if onnx is not None:
-        path = export_onnx(student_gm, example, onnx)
+        path = export_onnx(student_gm, _like(example, student_gm), onnx)
         original = copy.deepcopy(student).to(device)
         if cfg.fold_batchnorm:
             original = trace(original, leaf_modules=cfg.leaf_modules)
@@ -112,10 +118,10 @@ def compress(
         validation = validate_onnx(
             path,
             student_gm,
-            samples.float().to(device),
+            _like(samples, student_gm),
             atol=cfg.onnx_atol,
             rtol=cfg.onnx_rtol,
-            reference_elements=exported_elements(original, example.to(device)),
+            reference_elements=exported_elements(original, _like(example, original)),
         )
     return CompressResult(student_gm, report, validation, alignment)
 

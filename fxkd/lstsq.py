@@ -4,9 +4,9 @@ P independent systems (one per group of a grouped producer) share the row stream
 
     W_p* = argmin_W  Σ_rows || x_p W + 1·c_p − y_p ||²      x_p: (rows, D), y_p: (rows, K)
 
-``update`` accumulates ``G = [x 1]ᵀ[x 1]`` and ``B = [x 1]ᵀ y`` chunk by chunk (fp32 products on
-the chunk's device, summed in fp64). ``solve`` returns the ridge solution shrunk towards a prior
-``W0`` (the student as it is):
+``update`` accumulates ``G = [x 1]ᵀ[x 1]`` and ``B = [x 1]ᵀ y`` chunk by chunk (fp32 products
+of chunk-centred data on the chunk's device, mean terms and sums in fp64). ``solve`` returns the
+ridge solution shrunk towards a prior ``W0`` (the student as it is):
 
     (G + λ·I_D) W = B + λ·W0,   λ = α · mean(diag G[:D, :D])      (no ridge on the bias row)
 
@@ -46,14 +46,39 @@ class NormalEquations:
         self.rows = 0
 
     def update(self, x: torch.Tensor, y: torch.Tensor) -> None:
-        """Add rows: ``x`` (P, rows, D), ``y`` (P, rows, K), any float dtype."""
-        x = x.float()
+        """Add rows: ``x`` (P, rows, D), ``y`` (P, rows, K), any float dtype.
+
+        The fp32 products are taken on chunk-centred data (``x = x_c + 1μᵀ``, ``y = y_c + 1νᵀ``)
+        and the mean terms added back in fp64, exactly::
+
+            xᵀx = x_cᵀx_c + s_x μᵀ + μ s_xᵀ + n μμᵀ        (s_x = 1ᵀx_c, ≈ 0)
+            xᵀy = x_cᵀy_c + s_x νᵀ + μ s_yᵀ + n μνᵀ
+
+        so rounding scales with the features' spread, not their mean (BatchNorm/ReLU features
+        have large means), and the sums barely depend on how rows are chunked or sharded."""
+        dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
+        x, y = x.to(dtype), y.to(dtype)
+        n = x.shape[-2]
+        mu = x.mean(dim=-2, keepdim=True)  # fp32-rounded centres: exact algebra below
+        nu = y.mean(dim=-2, keepdim=True)
+        xc, yc = x - mu, y - nu
+        xct = xc.transpose(-1, -2)
+        mu64, nu64 = mu.double(), nu.double()
+        sx = xc.sum(dim=-2, keepdim=True, dtype=torch.float64)
+        sy = yc.sum(dim=-2, keepdim=True, dtype=torch.float64)
+        mut = mu64.transpose(-1, -2)
+        gxx = (xct @ xc).double() + sx.transpose(-1, -2) @ mu64 + mut @ sx + n * (mut @ mu64)
+        gxy = (xct @ yc).double() + sx.transpose(-1, -2) @ nu64 + mut @ sy + n * (mut @ nu64)
+        d = self.features
+        self.gram[:, :d, :d] += gxx
+        self.cross[:, :d] += gxy
         if self.bias:
-            x = torch.cat([x, x.new_ones(*x.shape[:-1], 1)], dim=-1)
-        xt = x.transpose(-1, -2)
-        self.gram += (xt @ x).double()
-        self.cross += (xt @ y.float()).double()
-        self.rows += x.shape[-2]
+            colsum_x = sx + n * mu64  # 1ᵀx, (P, 1, D)
+            self.gram[:, d:, :d] += colsum_x
+            self.gram[:, :d, d:] += colsum_x.transpose(-1, -2)
+            self.gram[:, d, d] += n
+            self.cross[:, d:] += sy + n * nu64
+        self.rows += n
 
     def all_reduce(self) -> None:
         """Sum the statistics over ranks when torch.distributed is initialised."""

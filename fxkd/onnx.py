@@ -119,7 +119,8 @@ def validate_onnx(
     rtol: float = 1e-3,
     reference_elements: int | None = None,
 ) -> ValidationReport:
-    """Check the file and compare onnxruntime with ``model`` on ``inputs`` (eval mode, fp32)."""
+    """Check the file and compare onnxruntime with ``model`` on ``inputs`` (eval mode; the inputs
+    in the dtype the model was exported with)."""
     try:
         import onnxruntime as ort
     except ImportError as exc:
@@ -133,13 +134,13 @@ def validate_onnx(
     with torch.no_grad(), eval_mode(model):
         expected = model(inputs)
     expected = [expected] if isinstance(expected, torch.Tensor) else list(expected)
-    expected = [e.detach().float().cpu().numpy() for e in expected]
+    expected = [e.detach().double().cpu().numpy() for e in expected]
     providers = _providers()
     max_abs = max_rel = 0.0
     passed, worst, per_provider = True, "", {}
     for provider in providers:
         session = ort.InferenceSession(str(path), providers=[provider])
-        feed = {session.get_inputs()[0].name: inputs.detach().float().cpu().numpy()}
+        feed = {session.get_inputs()[0].name: inputs.detach().cpu().numpy()}
         outputs = session.run(None, feed)
         if len(outputs) != len(expected):
             raise OnnxValidationError(

@@ -24,6 +24,7 @@ import warnings
 from dataclasses import dataclass
 
 import torch
+import torch.distributed as dist
 import torch.fx as fx
 from torch import nn
 from torch.fx.passes.infra.pass_base import PassResult
@@ -104,8 +105,8 @@ class _Member:
         if isinstance(self.module, KernelAdapter):
             weight = weight.reshape(self.producer.weight.shape)
             self.module.set_kernel(
-                weight.float().to(self.producer.weight.device),
-                None if bias is None else bias.float().to(weight.device),
+                weight.to(self.producer.weight),
+                None if bias is None else bias.to(self.producer.weight),
             )
         else:
             with torch.no_grad():
@@ -156,16 +157,17 @@ class CalibrateAdapters(FxkdPass):
                 f"teacher nodes {missing} not found: the teacher given to CalibrateAdapters is "
                 "not the graph the alignment was made on. Hint: pass the same traced teacher."
             )
-        chunks = list(self.samples.float().split(self.config.chunk_size))
+        chunks = list(_shard(self.samples).split(self.config.chunk_size))
         targets = [t_nodes[ms[0].module.pair.teacher_point] for ms in groups.values()]
         teacher = GraphRunner(
-            self.teacher, [c.to(_device(self.teacher)) for c in chunks], pinned=targets
+            self.teacher, [_like(c, self.teacher) for c in chunks], pinned=targets
         )
-        student = GraphRunner(gm, [c.to(device) for c in chunks])
+        student = GraphRunner(gm, [_like(c, gm).to(device) for c in chunks])
+        dtype = torch.float64 if _dtype(gm) == torch.float64 else torch.float32
         reference = None
         if self.reference is not None:
             r_nodes = {n.name: n for n in self.reference.graph.nodes}
-            reference = GraphRunner(self.reference, [c.to(_device(self.reference)) for c in chunks])
+            reference = GraphRunner(self.reference, [_like(c, self.reference) for c in chunks])
             reference.pinned = {r_nodes[ms[0].module.pair.site.point] for ms in groups.values()}
         pending = {m.node for ms in groups.values() for m in ms}
         models = [m for m in (self.teacher, gm, self.reference) if m is not None]
@@ -179,28 +181,31 @@ class CalibrateAdapters(FxkdPass):
             ):
                 target_node = t_nodes[members[0].module.pair.teacher_point]
                 self._solve(
-                    point, members, target_node, teacher, student, reference, pending, device
+                    point, members, target_node, teacher, student, reference, pending, device, dtype
                 )
                 teacher.unpin(target_node)
         return PassResult(gm, True)
 
-    def _solve(self, point, members, target_node, teacher, student, reference, pending, device):
+    def _solve(
+        self, point, members, target_node, teacher, student, reference, pending, device, dtype
+    ):
         student.run_until(point, defer=pending)
         pair = members[0].module.pair
         dims = pair.site.dims
         cmap = (
             torch.tensor(pair.channel_map, device=device) if pair.channel_map is not None else None
         )
-        t_values = teacher.run_through(target_node)
-        targets = []
-        for t in t_values:
-            y = rows(t.to(device).float(), dims)
-            targets.append(y.index_select(1, cmap) if cmap is not None else y)
-            _check_finite(targets[-1], f"teacher node {target_node.name}")
+        channel_dim = -1 if dims == 0 else 1
+        targets = [
+            t.to(device, dtype)
+            if cmap is None
+            else t.to(device, dtype).index_select(channel_dim, cmap)
+            for t in teacher.run_through(target_node)
+        ]
         member_nodes = {m.node for m in members}
         residual = [a for a in point.all_input_nodes if a not in member_nodes]
         residual_node = residual[0] if point not in member_nodes and residual else None
-        err_before = self._identity_error(student, members, residual_node, targets, dims)
+        err_before = self._identity_error(student, members, residual_node, targets)
         if len(members) == 1 or all(m.groups == 1 for m in members):
             rows_seen, unknowns = self._solve_jointly(student, members, residual_node, targets)
         else:  # residual add of grouped producers: block-coordinate descent over the members
@@ -216,11 +221,11 @@ class CalibrateAdapters(FxkdPass):
             student.run_node(m.node)
         if point not in member_nodes:
             student.run_node(point)
-        err_after = _rel_error(student.value(point), targets, dims)
+        err_after = _rel_error(student.value(point), targets)
         err_given = None
         if reference is not None:
             r_node = next(n for n in reference.nodes if n.name == pair.site.point)
-            err_given = _rel_error(reference.run_through(r_node), targets, dims)
+            err_given = _rel_error(reference.run_through(r_node), targets)
             reference.unpin(r_node)
         for m in members:
             self.records[str(m.node.target)] = SiteRecord(
@@ -228,15 +233,16 @@ class CalibrateAdapters(FxkdPass):
             )
         log.debug("%s: rel err %.4g -> %.4g", point.name, err_before, err_after)
 
-    def _identity_error(self, student, members, residual_node, targets, dims) -> float:
-        num = den = 0.0
-        for i, y in enumerate(targets):
-            s = sum(rows(student.value(m.node.args[0])[i], dims) for m in members)
+    @staticmethod
+    def _identity_error(student, members, residual_node, targets) -> float:
+        """The point's error with identity adapters (the already-corrected student's input)."""
+        values = []
+        for i in range(len(targets)):
+            v = sum(student.value(m.node.args[0])[i] for m in members)
             if residual_node is not None:
-                s = s + rows(student.value(residual_node)[i], dims)
-            num += float((y - s).double().pow(2).sum())
-            den += float(y.double().pow(2).sum())
-        return num / max(den, 1e-300)
+                v = v + student.value(residual_node)[i]
+            values.append(v)
+        return _rel_error(values, targets)
 
     def _solve_jointly(self, student, members, residual_node, targets, extra=()):
         """One least-squares system over the members' features (concatenated when several)."""
@@ -245,17 +251,25 @@ class CalibrateAdapters(FxkdPass):
         bias = any(m.bias for m in members)
         first = members[0].features(student, 0)
         sizes = [first.shape[-1]] + [m.features(student, 0).shape[-1] for m in members[1:]]
-        channels = targets[0].shape[1]
+        channels = targets[0].shape[-1 if dims == 0 else 1]
         eqs = NormalEquations(g, sum(sizes), channels // g, bias=bias, device=targets[0].device)
         for i, y in enumerate(targets):
-            feats = torch.cat([m.features(student, i) for m in members], dim=-1).float()
-            _check_finite(feats, f"student features at {members[0].node.args[0].name}")
+            feats = torch.cat([m.features(student, i) for m in members], dim=-1)
             if residual_node is not None:
-                y = y - rows(student.value(residual_node)[i], dims)
+                y = y - student.value(residual_node)[i]
             for o in extra:  # other members held fixed at their current output
-                y = y - rows(o.module(*[student.value(a)[i] for a in o.node.args]), dims)
+                y = y - o.module(*[student.value(a)[i] for a in o.node.args])
+            y = rows(y, dims)
             eqs.update(feats.transpose(0, 1), y.reshape(y.shape[0], g, -1).transpose(0, 1))
         eqs.all_reduce()
+        if not torch.isfinite(eqs.gram).all():
+            raise CalibrationError(
+                _non_finite(f"student features at {members[0].node.args[0].name}")
+            )
+        if not torch.isfinite(eqs.cross).all():
+            raise CalibrationError(
+                _non_finite(f"teacher node {members[0].module.pair.teacher_point} or a residual")
+            )
         unknowns = eqs.gram.shape[-1]
         if eqs.rows < unknowns:
             warnings.warn(
@@ -304,20 +318,39 @@ def _groups(gm: fx.GraphModule) -> dict[fx.Node, list[_Member]]:
     return dict(sorted(groups.items(), key=lambda kv: order[kv[0]]))
 
 
-def _rel_error(values: list[torch.Tensor], targets: list[torch.Tensor], dims: int) -> float:
-    num = den = 0.0
+def _rel_error(values: list[torch.Tensor], targets: list[torch.Tensor]) -> float:
+    """``Σ||y − v||² / Σ||y||²`` over chunks (and over ranks when torch.distributed runs)."""
+    sums = torch.zeros(2, dtype=torch.float64)
     for v, y in zip(values, targets, strict=True):
-        num += float((y - rows(v, dims).to(y)).double().pow(2).sum())
-        den += float(y.double().pow(2).sum())
-    return num / max(den, 1e-300)
+        sums[0] += float(torch.linalg.vector_norm(y - v.to(y)).double() ** 2)
+        sums[1] += float(torch.linalg.vector_norm(y).double() ** 2)
+    if dist.is_available() and dist.is_initialized():
+        dist.all_reduce(sums)
+    return float(sums[0] / sums[1].clamp_min(1e-300))
 
 
-def _check_finite(t: torch.Tensor, where: str) -> None:
-    if not torch.isfinite(t).all():
-        raise CalibrationError(
-            f"NaN or Inf in {where}. Hint: check the samples' scale and the model's weights; "
-            "fxkd solves on finite features only."
-        )
+def _non_finite(where: str) -> str:
+    return (
+        f"NaN or Inf in {where}. Hint: check the samples' scale and the model's weights; "
+        "fxkd solves on finite features only."
+    )
+
+
+def _shard(samples: torch.Tensor) -> torch.Tensor:
+    """This rank's share of the samples (every world_size-th one) under torch.distributed."""
+    if dist.is_available() and dist.is_initialized():
+        return samples[dist.get_rank() :: dist.get_world_size()]
+    return samples
+
+
+def _dtype(module: nn.Module) -> torch.dtype:
+    p = next(module.parameters(), None)
+    return p.dtype if p is not None else torch.float32
+
+
+def _like(x: torch.Tensor, module: nn.Module) -> torch.Tensor:
+    """Samples on the module's device, in its floating dtype."""
+    return x.to(_device(module), _dtype(module))
 
 
 def _device(module: nn.Module) -> torch.device:

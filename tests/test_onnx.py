@@ -1,0 +1,35 @@
+import torch
+
+from fxkd.onnx import export_onnx, initializer_elements, validate_onnx
+
+from models import make
+
+
+def test_export_and_validate_with_dynamic_batch(tmp_path):
+    model, shape = make("resnet")
+    path = export_onnx(model, torch.randn(4, *shape), tmp_path / "m.onnx")
+    report = validate_onnx(path, model, torch.randn(11, *shape))  # another batch size
+    assert report.passed and report.max_abs < 1e-4
+    assert report.providers[-1] == "CPUExecutionProvider"
+    assert initializer_elements(path) == report.initializer_elements > 0
+
+
+def test_failed_validation_names_the_output_and_worst_element(tmp_path):
+    model, shape = make("vgg")
+    path = export_onnx(model, torch.randn(2, *shape), tmp_path / "m.onnx")
+    with torch.no_grad():
+        model.head.bias.add_(1.0)  # the PyTorch model now disagrees with the file
+    report = validate_onnx(path, model, torch.randn(3, *shape))
+    assert not report.passed
+    assert "output" in report.worst and "torch" in report.worst
+    assert "FAILED" in str(report)
+
+
+def test_tolerances_are_configurable(tmp_path):
+    model, shape = make("vgg")
+    path = export_onnx(model, torch.randn(2, *shape), tmp_path / "m.onnx")
+    with torch.no_grad():
+        model.head.bias.add_(1e-3)
+    x = torch.randn(3, *shape)
+    assert not validate_onnx(path, model, x, atol=1e-5, rtol=0).passed
+    assert validate_onnx(path, model, x, atol=1e-2, rtol=0).passed
