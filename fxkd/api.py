@@ -49,6 +49,21 @@ def _device(module: nn.Module) -> torch.device:
     return p.device if p is not None else torch.device("cpu")
 
 
+_HALF = (torch.float16, torch.bfloat16)
+
+
+def _float_dtype(module: nn.Module) -> torch.dtype:
+    p = next((p for p in module.parameters() if p.is_floating_point()), None)
+    return p.dtype if p is not None else torch.float32
+
+
+def _at_least_fp32(module: nn.Module) -> nn.Module:
+    """The module itself, or an fp32 deep copy when it is fp16/bf16 (the original untouched)."""
+    if _float_dtype(module) in _HALF:
+        return copy.deepcopy(module).float()
+    return module
+
+
 def _like(x: torch.Tensor, module: nn.Module) -> torch.Tensor:
     """``x`` on the module's device, in its floating dtype."""
     p = next(module.parameters(), None)
@@ -72,7 +87,8 @@ def compress(
     the result is exported there and validated with onnxruntime on the samples.
 
     Neither ``teacher`` nor ``student`` is modified (the student is deep-copied; training flags
-    are restored)."""
+    are restored). fp16/bf16 models are calibrated as fp32 copies and the result is returned in
+    the student's dtype; fp64 models calibrate in fp64."""
     if not isinstance(teacher, nn.Module) or not isinstance(student, nn.Module):
         raise ConfigError("teacher and student must be torch.nn.Module instances")
     cfg = (config or CompressConfig()).replace(**options)
@@ -80,9 +96,13 @@ def compress(
     device = torch.device(cfg.device) if cfg.device else _device(student)
     example = samples[: min(len(samples), cfg.chunk_size)]
 
-    teacher_gm = trace(teacher, _like(example, teacher), leaf_modules=cfg.leaf_modules)
-    reference = trace(student, _like(example, student), leaf_modules=cfg.leaf_modules)
-    work = copy.deepcopy(student).to(device)
+    # half-precision models calibrate as fp32 copies; the result returns in the student's dtype
+    out_dtype = _float_dtype(student)
+    teacher_run = _at_least_fp32(teacher)
+    teacher_gm = trace(teacher_run, _like(example, teacher_run), leaf_modules=cfg.leaf_modules)
+    student_run = _at_least_fp32(student)
+    reference = trace(student_run, _like(example, student_run), leaf_modules=cfg.leaf_modules)
+    work = copy.deepcopy(student_run).to(device)
     student_gm = trace(work, _like(example, work), leaf_modules=cfg.leaf_modules)
     maps, source = dict(cfg.channel_maps), "given"
     if not maps:
@@ -106,6 +126,8 @@ def compress(
     if cfg.fold_batchnorm:
         FoldBatchNorm()(student_gm)
     student_gm.eval()
+    if out_dtype in _HALF:
+        student_gm.to(out_dtype)
 
     report = _report(alignment, insert, calibrate, fold, adapter_of, cfg, len(samples))
     validation = None
