@@ -283,12 +283,19 @@ class CalibrateAdapters(FxkdPass):
             bias_row = next((p[:, -1:] for p, m in zip(priors, members, strict=True) if m.bias))
             prior = torch.cat([prior, bias_row], dim=1)
         w = eqs.solve(self.config.ridge, prior)
+        # one bias was solved for the point: members after the first keep their own (current)
+        # shift and the first takes the rest, so no member's shift is zeroed needlessly
+        biases: dict[int, torch.Tensor] = {}
+        if bias:
+            carriers = [
+                (m, p[:, -1, :].reshape(-1)) for m, p in zip(members, priors, strict=True) if m.bias
+            ]
+            kept = sum((own for _, own in carriers[1:]), torch.zeros_like(carriers[0][1]))
+            biases = {id(m): own for m, own in carriers[1:]}
+            biases[id(carriers[0][0])] = w[:, -1, :].reshape(-1) - kept
         offset = 0
-        bias_vec = w[:, -1, :].reshape(-1) if bias else None
         for m, size in zip(members, sizes, strict=True):
-            m.write(w[:, offset : offset + size], bias_vec if m.bias else None)
-            if m.bias:
-                bias_vec = torch.zeros_like(bias_vec)  # the first member carries the bias
+            m.write(w[:, offset : offset + size], biases.get(id(m)))
             offset += size
         return eqs.rows, unknowns
 
