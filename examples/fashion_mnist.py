@@ -295,6 +295,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--ratios", nargs=2, type=float, default=[0.5, 0.75])
     p.add_argument("--data-dir", default=None)
     p.add_argument("--out", default=str(RESULTS))
+    p.add_argument("--tag", default="", help="suffix of the output file names")
     args = p.parse_args(argv)
     if args.quick:
         args.teachers, args.samples, args.seeds = ["vgg"], [100], [0]
@@ -360,7 +361,9 @@ def main(argv: list[str] | None = None) -> int:
     summary = summarize(rows)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    stem = "fashion_mnist_quick" if args.quick else "fashion_mnist"
+    stem = ("fashion_mnist_quick" if args.quick else "fashion_mnist") + (
+        f"_{args.tag}" if args.tag else ""
+    )
     import platform
 
     meta = {

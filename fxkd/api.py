@@ -169,6 +169,14 @@ def _report(alignment, insert, calibrate, fold, adapter_of, cfg, num_samples) ->
             continue
         rec = calibrate.records[name]
         reason = fold.outcome.get(name)
+        notes = [f"not folded: {reason}"] if reason else []
+        if cfg.mode == "kernel" and rec.solved_as == "pointwise":
+            notes.append("kernel system underdetermined: solved pointwise")
+        if rec.rows < rec.unknowns:
+            notes.append(
+                f"underdetermined: {rec.rows} rows for {rec.unknowns} unknowns per "
+                "output, the ridge keeps it near the student as given"
+            )
         report.rows.append(
             BlockRow(
                 site.point,
@@ -179,7 +187,7 @@ def _report(alignment, insert, calibrate, fold, adapter_of, cfg, num_samples) ->
                 rec.err_before,
                 rec.err_after,
                 folded=reason is None,
-                note=f"not folded: {reason}" if reason else "",
+                note="; ".join(notes),
             )
         )
     for s in alignment.skipped:

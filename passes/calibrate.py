@@ -20,7 +20,6 @@ Each network therefore runs exactly once over the samples, whatever the number o
 from __future__ import annotations
 
 import logging
-import warnings
 from dataclasses import dataclass
 
 import torch
@@ -32,7 +31,7 @@ from tqdm.auto import tqdm
 
 from fxkd.config import CompressConfig
 from fxkd.errors import CalibrationError
-from fxkd.fold import effective_affine
+from fxkd.fold import compose_pointwise, effective_affine
 from fxkd.lstsq import NormalEquations
 from fxkd.patches import patches, rows
 from fxkd.trace import eval_mode, trace
@@ -59,14 +58,27 @@ class SiteRecord:
     err_after: float
     rows: int
     unknowns: int
+    solved_as: str = ""
 
 
 @dataclass
 class _Member:
+    """One adapter of a solve point. ``pointwise`` says which system it is solved with: a
+    KernelAdapter whose kernel system would be underdetermined (fewer sample rows than
+    unknowns, e.g. a classifier head on 100 samples) is solved pointwise and carries ``Q·A``."""
+
     node: fx.Node
     module: PointwiseAdapter | KernelAdapter
     producer: nn.Module
     batchnorm: nn.Module | None
+    pointwise: bool = False
+
+    def __post_init__(self) -> None:
+        self.pointwise = isinstance(self.module, PointwiseAdapter)
+
+    def kernel_unknowns(self) -> int:
+        w = self.producer.weight
+        return w[0].numel() + int(self.bias)
 
     @property
     def groups(self) -> int:
@@ -78,7 +90,7 @@ class _Member:
 
     def features(self, runner: GraphRunner, i: int) -> torch.Tensor:
         """(rows, groups, D) features of chunk i."""
-        if isinstance(self.module, KernelAdapter):
+        if not self.pointwise:
             return patches(runner.value(self.node.args[1])[i], self.producer)
         x = rows(runner.value(self.node.args[0])[i], self.module.dims)
         return x.reshape(x.shape[0], self.groups, -1)
@@ -86,7 +98,7 @@ class _Member:
     def prior(self) -> torch.Tensor:
         """(groups, D[+1], K): the student as it is, what the ridge shrinks towards."""
         g = self.groups
-        if isinstance(self.module, KernelAdapter):
+        if not self.pointwise:
             a_mat, a_vec = effective_affine(self.producer, self.batchnorm)
             k = a_mat.shape[0] // g
             w = a_mat.reshape(g, k, -1).transpose(1, 2)
@@ -102,7 +114,14 @@ class _Member:
         """Store a (groups, D, K) solution (and a (C,) bias) in the adapter."""
         g, d, k = w.shape
         weight = w.transpose(1, 2).reshape(g * k, d)
-        if isinstance(self.module, KernelAdapter):
+        if isinstance(self.module, KernelAdapter) and self.pointwise:  # carry Q·A, Q·a + c
+            a_mat, a_vec = effective_affine(self.producer, self.batchnorm)
+            a_mat, a_vec = compose_pointwise(a_mat, a_vec, weight, bias, g)
+            self.module.set_kernel(
+                a_mat.to(self.producer.weight),
+                a_vec.to(self.producer.weight) if self.bias else None,
+            )
+        elif isinstance(self.module, KernelAdapter):
             weight = weight.reshape(self.producer.weight.shape)
             self.module.set_kernel(
                 weight.to(self.producer.weight),
@@ -206,6 +225,16 @@ class CalibrateAdapters(FxkdPass):
         residual = [a for a in point.all_input_nodes if a not in member_nodes]
         residual_node = residual[0] if point not in member_nodes and residual else None
         err_before = self._identity_error(student, members, residual_node, targets)
+        sample_rows = _global_rows(targets, dims)
+        for m in members:
+            if not m.pointwise and sample_rows < m.kernel_unknowns():
+                m.pointwise = True
+                log.info(
+                    "%s: %d rows for %d kernel unknowns: solved pointwise",
+                    m.node.name,
+                    sample_rows,
+                    m.kernel_unknowns(),
+                )
         if len(members) == 1 or all(m.groups == 1 for m in members):
             rows_seen, unknowns = self._solve_jointly(student, members, residual_node, targets)
         else:  # residual add of grouped producers: block-coordinate descent over the members
@@ -229,7 +258,13 @@ class CalibrateAdapters(FxkdPass):
             reference.unpin(r_node)
         for m in members:
             self.records[str(m.node.target)] = SiteRecord(
-                str(m.node.target), err_given, err_before, err_after, rows_seen, unknowns
+                str(m.node.target),
+                err_given,
+                err_before,
+                err_after,
+                rows_seen,
+                unknowns,
+                "pointwise" if m.pointwise else "kernel",
             )
         log.debug("%s: rel err %.4g -> %.4g", point.name, err_before, err_after)
 
@@ -272,17 +307,19 @@ class CalibrateAdapters(FxkdPass):
             )
         unknowns = eqs.gram.shape[-1]
         if eqs.rows < unknowns:
-            warnings.warn(
-                f"{members[0].node.name}: {eqs.rows} sample rows for {unknowns} unknowns per "
-                "output; the ridge decides the rest. Hint: more samples, or mode='pointwise'.",
-                stacklevel=3,
+            log.warning(
+                "%s: %d sample rows for %d unknowns per output; the ridge decides the rest "
+                "(more samples, or mode='pointwise', would determine it)",
+                members[0].node.name,
+                eqs.rows,
+                unknowns,
             )
         priors = [m.prior() for m in members]
         prior = torch.cat([p[:, :s] for p, s in zip(priors, sizes, strict=True)], dim=1)
         if bias:
             bias_row = next((p[:, -1:] for p, m in zip(priors, members, strict=True) if m.bias))
             prior = torch.cat([prior, bias_row], dim=1)
-        w = eqs.solve(self.config.ridge, prior)
+        w = eqs.solve(self.config.effective_ridge, prior)
         # one bias was solved for the point: members after the first keep their own (current)
         # shift and the first takes the rest, so no member's shift is zeroed needlessly
         biases: dict[int, torch.Tensor] = {}
@@ -334,6 +371,16 @@ def _rel_error(values: list[torch.Tensor], targets: list[torch.Tensor]) -> float
     if dist.is_available() and dist.is_initialized():
         dist.all_reduce(sums)
     return float(sums[0] / sums[1].clamp_min(1e-300))
+
+
+def _global_rows(targets: list[torch.Tensor], dims: int) -> int:
+    """Sample rows (samples x positions) at a point, summed over ranks."""
+    count = sum(t.numel() // t.shape[-1 if dims == 0 else 1] for t in targets)
+    if dist.is_available() and dist.is_initialized():
+        total = torch.tensor([count], dtype=torch.float64)
+        dist.all_reduce(total)
+        count = int(total.item())
+    return count
 
 
 def _non_finite(where: str) -> str:
