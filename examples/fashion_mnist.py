@@ -27,6 +27,7 @@ import argparse
 import copy
 import json
 import logging
+import re
 import statistics
 import sys
 import time
@@ -284,6 +285,81 @@ def plot_blocks(path: Path, reports: dict) -> None:
     plt.close(fig)
 
 
+LOG_LINE = re.compile(
+    r"(?P<teacher>\S+) (?P<student>\S+) N=(?P<n>\d+) seed=(?P<seed>\d+) (?P<method>\S+)\s+"
+    r"acc (?P<acc>[\d.]+)\s+(?P<seconds>[\d.]+)s"
+)
+
+
+def render_log(log_path: Path, args, command: str) -> int:
+    """Tables and plots from the per-run lines a run logged (every number is one it measured);
+    the teacher accuracy is measured again here."""
+    rows = [m.groupdict() for m in map(LOG_LINE.search, log_path.read_text().splitlines()) if m]
+    for r in rows:
+        r.update(
+            n=int(r["n"]),
+            seed=int(r["seed"]),
+            acc=float(r["acc"]),
+            seconds=float(r["seconds"]),
+            choice=None,
+        )
+    ref = {
+        (r["teacher"], r["student"], r["n"], r["seed"]): r["seconds"]
+        for r in rows
+        if r["method"] == "fxkd-kernel"
+    }
+    for r in rows:
+        r["ratio"] = r["seconds"] / max(
+            ref.get((r["teacher"], r["student"], r["n"], r["seed"]), 1.0), 1e-9
+        )
+    students: dict[str, list[str]] = {}
+    for r in rows:
+        students.setdefault(r["teacher"], [])
+        if r["student"] not in students[r["teacher"]]:
+            students[r["teacher"]].append(r["student"])
+    xte, yte = load_fashion_mnist("test", args.data_dir)
+    teacher_acc, params = {}, {}
+    for tname in students:
+        teacher = load_teacher(tname)
+        teacher_acc[tname] = accuracy(teacher, normalize(xte), yte)
+        built = make_students(teacher, normalize(xte[:1]), tuple(args.ratios))
+        params[tname] = {k: sum(p.numel() for p in v.parameters()) for k, v in built.items()}
+        params[tname]["teacher"] = sum(p.numel() for p in teacher.parameters())
+    meta = {
+        "command": f"{command} (tables from the log of: {log_path.name})",
+        "quick": False,
+        "seeds": sorted({r["seed"] for r in rows}),
+        "machine": _machine(),
+        "teacher_acc": teacher_acc,
+        "students": students,
+        "params": params,
+    }
+    write_outputs(
+        Path(args.out), "fashion_mnist" + (f"_{args.tag}" if args.tag else ""), rows, meta, {}
+    )
+    return 0
+
+
+def _machine() -> str:
+    import platform
+
+    return (
+        f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, "
+        f"torch {torch.__version__}"
+    )
+
+
+def write_outputs(out: Path, stem: str, rows: list[dict], meta: dict, block_reports: dict) -> None:
+    summary = summarize(rows)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"{stem}.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1) + "\n")
+    write_markdown(out / f"{stem}.md", summary, meta)
+    plot(out / f"{stem}_accuracy.png", summary, meta)
+    if block_reports:
+        plot_blocks(out / f"{stem}_blocks.png", block_reports)
+    print((out / f"{stem}.md").read_text())
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--quick", action="store_true", help="one seed, N=100, one student, VGG")
@@ -296,6 +372,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--data-dir", default=None)
     p.add_argument("--out", default=str(RESULTS))
     p.add_argument("--tag", default="", help="suffix of the output file names")
+    p.add_argument(
+        "--from-log",
+        default=None,
+        help="write the tables and plots from the per-run lines of an earlier run's "
+        "log (e.g. one stopped before it finished) instead of running",
+    )
     args = p.parse_args(argv)
     if args.quick:
         args.teachers, args.samples, args.seeds = ["vgg"], [100], [0]
@@ -305,6 +387,8 @@ def main(argv: list[str] | None = None) -> int:
     command = "python examples/fashion_mnist.py " + " ".join(argv or sys.argv[1:])
     torch.manual_seed(0)
 
+    if args.from_log:
+        return render_log(Path(args.from_log), args, command)
     xtr, ytr = load_fashion_mnist("train", args.data_dir)
     xte, yte = load_fashion_mnist("test", args.data_dir)
     xtr, xte = normalize(xtr), normalize(xte)
@@ -358,30 +442,19 @@ def main(argv: list[str] | None = None) -> int:
                             r["acc"],
                             r["seconds"],
                         )
-    summary = summarize(rows)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
     stem = ("fashion_mnist_quick" if args.quick else "fashion_mnist") + (
         f"_{args.tag}" if args.tag else ""
     )
-    import platform
-
     meta = {
         "command": command,
         "quick": args.quick,
         "seeds": args.seeds,
-        "machine": f"{platform.processor() or platform.machine()}, "
-        f"{torch.get_num_threads()} threads, torch {torch.__version__}",
+        "machine": _machine(),
         "teacher_acc": teacher_acc,
         "students": meta_students,
         "params": params,
     }
-    (out / f"{stem}.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1) + "\n")
-    write_markdown(out / f"{stem}.md", summary, meta)
-    plot(out / f"{stem}_accuracy.png", summary, meta)
-    if block_reports:
-        plot_blocks(out / f"{stem}_blocks.png", block_reports)
-    print((out / f"{stem}.md").read_text())
+    write_outputs(Path(args.out), stem, rows, meta, block_reports)
     return 0
 
 
