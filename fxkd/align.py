@@ -32,6 +32,7 @@ from dataclasses import dataclass, field
 
 import networkx as nx
 import torch.fx as fx
+from torch import nn
 
 from fxkd.errors import AlignmentError
 from fxkd.nodes import (
@@ -161,6 +162,18 @@ def find_sites(gm: fx.GraphModule) -> tuple[list[Site], list[SkippedSite]]:
             (user,) = node.users
             if eval_batchnorm(gm, user, dims) is not None:
                 anchor, batchnorm = user, user
+            elif user.op == "call_module" and isinstance(
+                gm.get_submodule(str(user.target)), nn.modules.batchnorm._BatchNorm
+            ):
+                skipped.append(
+                    SkippedSite(
+                        node.name,
+                        f"BatchNorm {user.target} keeps no running statistics, "
+                        "so it is not an affine map in eval mode; give it "
+                        "track_running_stats=True (or fuse it) to calibrate here",
+                    )
+                )
+                continue
         point, residual = anchor, None
         if len(anchor.users) == 1:
             (user,) = anchor.users

@@ -95,3 +95,20 @@ def test_incompatible_pair_raises_alignment_error_listing_both_sides():
     with pytest.raises(AlignmentError, match="teacher boundaries") as info:
         align(t, s)
     assert "student sites" in str(info.value)
+
+
+def test_batchnorm_without_running_stats_is_skipped_with_reason():
+    from torch import nn
+
+    model = nn.Sequential(
+        nn.Conv2d(3, 4, 3),
+        nn.BatchNorm2d(4, track_running_stats=False),
+        nn.ReLU(),
+        nn.Flatten(),
+        nn.Linear(4 * 6 * 6, 2),
+    ).eval()
+    x = torch.randn(2, 3, 8, 8)
+    alignment = align(trace(model, x), trace(model, x))
+    (skip,) = [s for s in alignment.skipped if s.node == "_0"]
+    assert "running statistics" in skip.reason
+    assert [p.site.producer for p in alignment.pairs] == ["_4"]

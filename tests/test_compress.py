@@ -171,3 +171,19 @@ def test_half_precision_models_calibrate_in_fp32_and_come_back_in_their_dtype():
         before = _rel(half_s(x.bfloat16()).float(), expected)
         after = _rel(result.model(x.bfloat16()).float(), expected)
     assert after < before / 5
+
+
+def test_input_shape_the_models_disagree_on_is_a_trace_error():
+    teacher, _ = make("vgg")
+    other, other_shape = make("conv1d")
+    with pytest.raises(fxkd.TraceError, match="example batch of shape"):
+        fxkd.compress(teacher, other, torch.randn(8, *other_shape), progress=False)
+
+
+def test_nan_in_a_feature_names_the_node():
+    teacher, shape = make("vgg")
+    student = plant(teacher)
+    with torch.no_grad():
+        teacher.features[3].weight[0, 0, 0, 0] = float("nan")  # second conv: NaN from there on
+    with pytest.raises(fxkd.CalibrationError, match="NaN or Inf in teacher node features_4"):
+        fxkd.compress(teacher, student, torch.randn(16, *shape), progress=False)
