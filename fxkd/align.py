@@ -21,7 +21,9 @@ Two strategies pair student sites with teacher points:
   channels) with dynamic programming — never by module names.
 
 A student site may be narrower than its teacher point when a channel map (kept teacher channels)
-is given for its producer module; without one it is skipped, with the reason recorded.
+is known for its producer module: given by the user, recorded by fxkd's student builders, or
+inferred from its BatchNorm (kept channels keep their statistics); without one it is skipped,
+with the reason recorded. Each pair says where its map came from.
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
 import networkx as nx
+import torch
 import torch.fx as fx
 from torch import nn
 
@@ -53,6 +56,7 @@ __all__ = [
     "align",
     "block_cuts",
     "find_sites",
+    "infer_channel_map",
     "is_mirror",
     "mirror_map",
 ]
@@ -332,6 +336,36 @@ def _pair(
     return SitePair(site, t_node.name, t_channels)
 
 
+def infer_channel_map(
+    teacher: fx.GraphModule, student: fx.GraphModule, site: Site, teacher_bn: fx.Node
+) -> tuple[int, ...] | None:
+    """Kept teacher channels of a narrower student site pruned elsewhere (no builder map), from
+    its BatchNorm: filter pruning keeps each kept channel's BatchNorm (γ, β, mean, variance)
+    exactly, so each student channel is the teacher channel with the same four numbers. None
+    when the widths are equal, the mirror node is not a BatchNorm, or a match is not unique."""
+    s_node = next(n for n in student.graph.nodes if n.name == site.batchnorm)
+    s_bn = student.get_submodule(str(s_node.target))
+    if teacher_bn.op != "call_module":
+        return None
+    t_bn = teacher.get_submodule(str(teacher_bn.target))
+    if not isinstance(t_bn, type(s_bn)) or t_bn.num_features <= s_bn.num_features:
+        return None
+
+    def stats(bn: nn.Module) -> torch.Tensor:
+        cols = [bn.running_mean, bn.running_var]
+        cols += [p for p in (bn.weight, bn.bias) if p is not None]
+        return torch.stack([c.detach().double().cpu() for c in cols], dim=1)
+
+    s_stats, t_stats = stats(s_bn), stats(t_bn)
+    if s_stats.shape[1] != t_stats.shape[1]:
+        return None
+    close = torch.cdist(s_stats, t_stats) <= 1e-6 * (1 + t_stats.abs().amax())
+    if not (close.sum(dim=1) == 1).all():
+        return None
+    kept = tuple(int(j) for j in close.float().argmax(dim=1))
+    return kept if len(set(kept)) == len(kept) else None
+
+
 def _share_maps_at_points(pairs: list[SitePair]) -> list[SitePair | SkippedSite]:
     """Sites that meet at one add share its channels: give a map known for one to all."""
     by_point: dict[str, set] = {}
@@ -410,7 +444,15 @@ def align(
                 if s.point not in s_cuts
             ]
             sites = kept
-        results = [_pair(s, t_nodes[mirror[s.point]], channel_maps, map_source) for s in sites]
+        results = []
+        for s in sites:
+            t_node = t_nodes[mirror[s.point]]
+            if s.module not in channel_maps and s.batchnorm is not None:
+                inferred = infer_channel_map(teacher, student, s, t_nodes[mirror[s.batchnorm]])
+                if inferred is not None:
+                    results.append(_pair(s, t_node, {s.module: inferred}, "inferred"))
+                    continue
+            results.append(_pair(s, t_node, channel_maps, map_source))
     else:
         strategy = "cuts"
         t_points = [n for n in block_cuts(teacher) if _reaches_activation_or_output(teacher, n)]

@@ -153,9 +153,9 @@ def _report(alignment, insert, calibrate, fold, adapter_of, cfg, num_samples) ->
     not_inserted = {s.node: s.reason for s in insert.skipped}
     for pair in alignment.pairs:
         site = pair.site
-        channels = (
-            f"{site.channels}/{pair.teacher_channels}" if pair.channel_map else str(site.channels)
-        )
+        channels = str(site.channels)
+        if pair.channel_map:  # kept/teacher channels, and where the map came from
+            channels = f"{site.channels}/{pair.teacher_channels} {pair.map_source}"
         name = adapter_of.get(site.producer)
         if name is None:
             report.rows.append(

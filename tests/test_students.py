@@ -87,3 +87,22 @@ def test_decoupled_student_is_aligned_after_its_pointwise_convs():
     assert sum(p.numel() for p in result.model.parameters()) == sum(
         p.numel() for p in student.parameters()
     )
+
+
+@pytest.mark.parametrize("name", ["vgg", "resnet"])
+def test_maps_of_a_student_pruned_elsewhere_are_inferred(name):
+    """A student pruned by another tool carries no maps: alignment recovers them from the
+    BatchNorms (kept channels keep their statistics) and says so in the pairs."""
+    teacher, shape = make(name)
+    student = prune(teacher, 0.5, example_inputs=torch.randn(1, *shape))
+    recorded = channel_maps_of(student)
+    delattr(student, "fxkd_channel_maps")
+    x = torch.randn(2, *shape)
+    alignment = align(trace(teacher, x), trace(student, x))
+    assert not alignment.skipped
+    inferred = {
+        p.site.module: list(p.channel_map) for p in alignment.pairs if p.map_source == "inferred"
+    }
+    assert inferred
+    for module, kept in inferred.items():
+        assert kept == recorded[module]
