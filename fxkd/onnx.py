@@ -8,6 +8,7 @@ every output with PyTorch, and counts initializer elements so "same size" is che
 
 from __future__ import annotations
 
+import itertools
 import logging
 import os
 import tempfile
@@ -31,10 +32,13 @@ log = logging.getLogger(__name__)
 class ValidationReport:
     """onnxruntime vs PyTorch on real inputs.
 
-    max_abs: max |ort − torch| over outputs and providers; max_rel: max_abs of each output divided
-    by that output's max |torch|; passed: every element within ``atol + rtol·|torch|`` on every
-    provider; initializer_elements: weights in the file; reference_elements: the same count for
-    the reference model (the student as given), when one was exported."""
+    Every provider runs twice: with onnxruntime's graph optimisations at their default (all) and
+    with them disabled, so a fusion bug and an export bug are told apart (``per_provider``).
+    max_abs: max |ort − torch| over outputs, providers and both runs; max_rel: max_abs of each
+    output divided by that output's max |torch|; passed: every element within
+    ``atol + rtol·|torch|`` in every run; initializer_elements: weights in the file;
+    reference_elements: the same count for the reference model (the student as given), when
+    one was exported."""
 
     passed: bool
     max_abs: float
@@ -138,8 +142,15 @@ def validate_onnx(
     providers = _providers()
     max_abs = max_rel = 0.0
     passed, worst, per_provider = True, "", {}
-    for provider in providers:
-        session = ort.InferenceSession(str(path), providers=[provider])
+    levels = {
+        "optimized": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
+        "unoptimized": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
+    }
+    for provider, (level_name, level) in itertools.product(providers, levels.items()):
+        options = ort.SessionOptions()
+        options.graph_optimization_level = level
+        session = ort.InferenceSession(str(path), options, providers=[provider])
+        run = f"{provider} ({level_name})"
         feed = {session.get_inputs()[0].name: inputs.detach().cpu().numpy()}
         outputs = session.run(None, feed)
         if len(outputs) != len(expected):
@@ -154,13 +165,13 @@ def validate_onnx(
             if float(diff.max()) >= max_abs:
                 idx = np.unravel_index(int(diff.argmax()), diff.shape)
                 worst = (
-                    f"{provider} output {meta.name}[{', '.join(map(str, idx))}]: ort "
+                    f"{run} output {meta.name}[{', '.join(map(str, idx))}]: ort "
                     f"{got[idx]:.6g} vs torch {ref[idx]:.6g}"
                 )
             max_abs = max(max_abs, float(diff.max()))
             max_rel = max(max_rel, float(diff.max()) / scale)
             passed &= bool(np.all(diff <= atol + rtol * np.abs(ref)))
-        per_provider[provider] = worst_here
+        per_provider[run] = worst_here
     report = ValidationReport(
         passed,
         max_abs,

@@ -33,3 +33,12 @@ def test_tolerances_are_configurable(tmp_path):
     x = torch.randn(3, *shape)
     assert not validate_onnx(path, model, x, atol=1e-5, rtol=0).passed
     assert validate_onnx(path, model, x, atol=1e-2, rtol=0).passed
+
+
+def test_each_provider_runs_with_and_without_graph_optimisations(tmp_path):
+    model, shape = make("grouped")
+    path = export_onnx(model, torch.randn(2, *shape), tmp_path / "m.onnx")
+    report = validate_onnx(path, model, torch.randn(5, *shape))
+    runs = set(report.per_provider)
+    assert {"CPUExecutionProvider (optimized)", "CPUExecutionProvider (unoptimized)"} <= runs
+    assert report.passed
