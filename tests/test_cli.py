@@ -53,3 +53,62 @@ def test_fashion_mnist_benchmark_quick_mode(tmp_path):
     for method in ("none", "fxkd-pw", "fxkd-kernel", "finetune", "fitnet", "mir"):
         assert f"| {method} |" in table
     assert (tmp_path / "fashion_mnist_quick_accuracy.png").stat().st_size > 10_000
+
+
+def test_compress_and_validate_commands(tmp_path):
+    import torch
+
+    from fxkd.students import prune
+    from fxkd.zoo import build
+
+    torch.manual_seed(0)
+    teacher = build("vgg").eval()
+    student = prune(teacher, 0.5, example_inputs=torch.randn(1, 1, 28, 28))
+    torch.save(teacher, tmp_path / "teacher.pt")
+    torch.save(student, tmp_path / "student.pt")
+    torch.save(torch.randn(64, 1, 28, 28), tmp_path / "samples.pt")
+    out = _fxkd(
+        "compress",
+        "--teacher",
+        str(tmp_path / "teacher.pt"),
+        "--student",
+        str(tmp_path / "student.pt"),
+        "--data",
+        str(tmp_path / "samples.pt"),
+        "--samples",
+        "64",
+        "--onnx",
+        str(tmp_path / "s.onnx"),
+        "--out",
+        str(tmp_path / "out"),
+    )
+    assert out.returncode == 0, out.stderr
+    assert "fxkd report: kernel mode, mirror alignment, 64 samples" in out.stdout
+    assert "ONNX validation passed" in out.stdout
+    assert (tmp_path / "out" / "student.pt").exists()
+    out = _fxkd(
+        "validate",
+        str(tmp_path / "s.onnx"),
+        "--reference",
+        str(tmp_path / "out" / "student.pt"),
+        "--data",
+        str(tmp_path / "samples.pt"),
+    )
+    assert out.returncode == 0, out.stderr
+    assert "CPUExecutionProvider (unoptimized)" in out.stdout
+
+
+def test_compress_bad_inputs_give_one_line_reasons(tmp_path):
+    out = _fxkd("compress", "--teacher", "nope.pt", "--student", "x:y", "--data", "fashion-mnist")
+    assert out.returncode == 2
+    assert out.stderr.strip().count("\n") == 0 and "nope.pt" in out.stderr
+    out = _fxkd(
+        "compress",
+        "--teacher",
+        "fxkd.zoo:FashionVGG",
+        "--student",
+        "fxkd.zoo:FashionVGG",
+        "--data",
+        str(tmp_path),
+    )  # an empty folder
+    assert out.returncode == 2 and "error" in out.stderr
