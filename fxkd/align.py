@@ -1,10 +1,12 @@
 """Alignment: which student sites get an adapter, and which teacher value each must match.
 
 A *site* is an affine producer (Conv1d/2d/3d or Linear), optionally followed by an eval
-BatchNorm (its *anchor* is the last of the two), whose value reaches a nonlinearity or the
-graph output, optionally through an ``add`` whose other operand (the *residual*) does not depend
-on the site. The adapter goes after the anchor; the *point* (the anchor, or the add) is the value
-compared with the teacher::
+BatchNorm (its *anchor* is the last of the two), optionally followed by an ``add`` whose other
+operand (the *residual*) does not depend on the site. The adapter goes after the anchor; the
+*point* (the anchor, or the add) is the value compared with the teacher — usually just before a
+nonlinearity, but a linear bottleneck's output (MobileNetV2) or a branch before a concat is a
+point too. A producer without BatchNorm that feeds another conv/linear directly is the first
+factor of a factorised layer (decoupled depthwise → pointwise), not a site::
 
     producer ─▶ [BatchNorm] ─▶ ADAPTER ─▶ [+ residual] ─▶ nonlinearity | output
                  anchor ─────┘              point
@@ -186,7 +188,11 @@ def find_sites(gm: fx.GraphModule) -> tuple[list[Site], list[SkippedSite]]:
                 other = operands[1] if operands[0] is anchor else operands[0]
                 if not _depends_on(other, anchor):
                     point, residual = user, other
-        if len(anchor.users) == 1 and affine_module(gm, next(iter(anchor.users))) is not None:
+        if (
+            batchnorm is None
+            and len(anchor.users) == 1
+            and affine_module(gm, next(iter(anchor.users))) is not None
+        ):
             skipped.append(
                 SkippedSite(
                     node.name,
@@ -195,14 +201,8 @@ def find_sites(gm: fx.GraphModule) -> tuple[list[Site], list[SkippedSite]]:
                 )
             )
             continue
-        if not _reaches_activation_or_output(gm, point):
-            skipped.append(
-                SkippedSite(
-                    node.name,
-                    "its value does not reach a nonlinearity or the output "
-                    "through per-channel linear ops (no matched point)",
-                )
-            )
+        if not point.users:
+            skipped.append(SkippedSite(node.name, "its value is never used"))
             continue
         shape = node_shape(point)
         if shape is None:

@@ -143,6 +143,7 @@ def compress(
             _like(samples, student_gm),
             atol=cfg.onnx_atol,
             rtol=cfg.onnx_rtol,
+            weight_elements=exported_elements(student_gm, _like(example, student_gm)),
             reference_elements=exported_elements(original, _like(example, original)),
         )
     return CompressResult(student_gm, report, validation, alignment)

@@ -23,7 +23,13 @@ from torch import nn
 from fxkd.errors import OnnxValidationError
 from fxkd.trace import eval_mode
 
-__all__ = ["ValidationReport", "export_onnx", "initializer_elements", "validate_onnx"]
+__all__ = [
+    "ValidationReport",
+    "export_onnx",
+    "exported_elements",
+    "initializer_elements",
+    "validate_onnx",
+]
 
 log = logging.getLogger(__name__)
 
@@ -36,30 +42,34 @@ class ValidationReport:
     with them disabled, so a fusion bug and an export bug are told apart (``per_provider``).
     max_abs: max |ort − torch| over outputs, providers and both runs; max_rel: max_abs of each
     output divided by that output's max |torch|; passed: every element within
-    ``atol + rtol·|torch|`` in every run; initializer_elements: weights in the file;
-    reference_elements: the same count for the reference model (the student as given), when
-    one was exported."""
+    ``atol + rtol·|torch|`` in every run; initializer_elements: weights in the (optimised) file.
+    The "same size" check compares structure, not values: ``weight_elements`` and
+    ``reference_elements`` count the initializers of *unoptimised* exports of the validated
+    model and of the reference (the student as given). Optimised files are not compared: the
+    exporter's optimiser fuses BatchNorms and drops all-zero biases, which depends on values.
+    """
 
     passed: bool
     max_abs: float
     max_rel: float
     providers: list[str]
     initializer_elements: int
+    weight_elements: int | None = None
     reference_elements: int | None = None
     worst: str = ""
     per_provider: dict[str, float] = field(default_factory=dict)
 
     @property
     def same_size(self) -> bool | None:
-        if self.reference_elements is None:
+        if self.reference_elements is None or self.weight_elements is None:
             return None
-        return self.initializer_elements == self.reference_elements
+        return self.weight_elements == self.reference_elements
 
     def __str__(self) -> str:
         size = ""
         if self.reference_elements is not None:
             size = (
-                f", initializers {self.initializer_elements} vs student as given "
+                f", weights {self.weight_elements} vs student as given "
                 f"{self.reference_elements} ({'same' if self.same_size else 'DIFFERENT'})"
             )
         verdict = "passed" if self.passed else f"FAILED (worst: {self.worst})"
@@ -69,8 +79,11 @@ class ValidationReport:
         )
 
 
-def export_onnx(model: nn.Module, example: torch.Tensor, path: str | os.PathLike) -> Path:
-    """Export ``model`` (eval mode, batch dimension dynamic) to one self-contained .onnx file."""
+def export_onnx(
+    model: nn.Module, example: torch.Tensor, path: str | os.PathLike, *, optimize: bool = True
+) -> Path:
+    """Export ``model`` (eval mode, batch dimension dynamic) to one self-contained .onnx file,
+    through torch's optimiser unless ``optimize=False``."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     try:
@@ -82,6 +95,7 @@ def export_onnx(model: nn.Module, example: torch.Tensor, path: str | os.PathLike
                 dynamo=True,
                 external_data=False,
                 dynamic_shapes=({0: "batch"},),
+                optimize=optimize,
                 verbose=False,
             )
     except Exception as exc:
@@ -102,9 +116,10 @@ def initializer_elements(model_or_path: onnx.ModelProto | str | os.PathLike) -> 
 
 
 def exported_elements(model: nn.Module, example: torch.Tensor) -> int:
-    """Initializer elements of ``model`` exported the way export_onnx does (temporary file)."""
+    """Initializer elements of an unoptimised export of ``model`` (its weights, by structure)."""
     with tempfile.TemporaryDirectory() as tmp:
-        return initializer_elements(export_onnx(model, example, Path(tmp) / "reference.onnx"))
+        path = export_onnx(model, example, Path(tmp) / "weights.onnx", optimize=False)
+        return initializer_elements(path)
 
 
 def _providers() -> list[str]:
@@ -121,6 +136,7 @@ def validate_onnx(
     *,
     atol: float = 1e-4,
     rtol: float = 1e-3,
+    weight_elements: int | None = None,
     reference_elements: int | None = None,
 ) -> ValidationReport:
     """Check the file and compare onnxruntime with ``model`` on ``inputs`` (eval mode; the inputs
@@ -178,6 +194,7 @@ def validate_onnx(
         max_rel,
         providers,
         initializer_elements(path),
+        weight_elements,
         reference_elements,
         worst,
         per_provider,

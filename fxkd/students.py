@@ -43,6 +43,7 @@ def _importance(group, kind: str) -> torch.Tensor:
         layer = dep.target.module
         if dep.handler not in (
             tp.prune_conv_out_channels,
+            tp.prune_depthwise_conv_out_channels,
             tp.prune_linear_out_channels,
             tp.prune_batchnorm_out_channels,
         ):
@@ -89,7 +90,14 @@ def prune(
         teacher_names = {m: n for n, m in teacher.named_modules()}
         copies = dict(student.named_modules())
         ignored = [copies[teacher_names[m]] for m in ignored_layers]
-    graph = tp.DependencyGraph().build_dependency(student, example_inputs=example_inputs)
+    try:
+        graph = tp.DependencyGraph().build_dependency(student, example_inputs=example_inputs)
+    except Exception as exc:  # torch-pruning's tracer meets an op it cannot map
+        raise ConfigError(
+            f"torch-pruning could not analyse {type(teacher).__name__}'s channel dependencies "
+            f"({type(exc).__name__}: {exc}). Hint: prune it with another tool; compress infers "
+            "the kept channels from the BatchNorms or takes channel_maps="
+        ) from exc
     maps: dict[str, list[int]] = {}
     for group in list(
         graph.get_all_groups(ignored_layers=ignored, root_module_types=[*_CONVS, nn.Linear])
@@ -109,6 +117,7 @@ def prune(
             layer = dep.target.module
             if isinstance(layer, (*_CONVS, nn.Linear)) and dep.handler in (
                 tp.prune_conv_out_channels,
+                tp.prune_depthwise_conv_out_channels,
                 tp.prune_linear_out_channels,
             ):
                 width = layer.weight.shape[0]
