@@ -110,7 +110,7 @@ def main() -> None:
     args = p.parse_args()
     print(
         f"torch {torch.__version__}, {torch.get_num_threads()} threads, input {args.size}x"
-        f"{args.size}; medians of {args.repeats} runs; peak = tracemalloc peak of the run"
+        f"{args.size}; medians of {args.repeats} runs"
     )
     print(
         f"{'pair':<13} {'mode':<9} {'N':>5} {'blocks':>6} {'floor s':>8} {'fxkd s':>7} "
