@@ -19,6 +19,7 @@ from fxkd.data import take_samples
 from fxkd.errors import ConfigError
 from fxkd.onnx import ValidationReport, export_onnx, exported_elements, validate_onnx
 from fxkd.passes import CalibrateAdapters, FoldAdapters, FoldBatchNorm, InsertAdapters
+from fxkd.placement import module_device, module_dtype, to_module
 from fxkd.report import BlockRow, Report
 from fxkd.students import channel_maps_of
 from fxkd.trace import trace
@@ -44,30 +45,14 @@ class CompressResult:
     alignment: Alignment
 
 
-def _device(module: nn.Module) -> torch.device:
-    p = next(module.parameters(), None)
-    return p.device if p is not None else torch.device("cpu")
-
-
 _HALF = (torch.float16, torch.bfloat16)
-
-
-def _float_dtype(module: nn.Module) -> torch.dtype:
-    p = next((p for p in module.parameters() if p.is_floating_point()), None)
-    return p.dtype if p is not None else torch.float32
 
 
 def _at_least_fp32(module: nn.Module) -> nn.Module:
     """The module itself, or an fp32 deep copy when it is fp16/bf16 (the original untouched)."""
-    if _float_dtype(module) in _HALF:
+    if module_dtype(module) in _HALF:
         return copy.deepcopy(module).float()
     return module
-
-
-def _like(x: torch.Tensor, module: nn.Module) -> torch.Tensor:
-    """``x`` on the module's device, in its floating dtype."""
-    p = next(module.parameters(), None)
-    return x.to(p.device, p.dtype) if p is not None else x
 
 
 def compress(
@@ -93,17 +78,17 @@ def compress(
         raise ConfigError("teacher and student must be torch.nn.Module instances")
     cfg = (config or CompressConfig()).replace(**options)
     samples = take_samples(loader, cfg.num_samples, key=cfg.input_key, seed=cfg.seed)
-    device = torch.device(cfg.device) if cfg.device else _device(student)
+    device = torch.device(cfg.device) if cfg.device else module_device(student)
     example = samples[: min(len(samples), cfg.chunk_size)]
 
     # half-precision models calibrate as fp32 copies; the result returns in the student's dtype
-    out_dtype = _float_dtype(student)
+    out_dtype = module_dtype(student)
     teacher_run = _at_least_fp32(teacher)
-    teacher_gm = trace(teacher_run, _like(example, teacher_run), leaf_modules=cfg.leaf_modules)
+    teacher_gm = trace(teacher_run, to_module(example, teacher_run), leaf_modules=cfg.leaf_modules)
     student_run = _at_least_fp32(student)
-    reference = trace(student_run, _like(example, student_run), leaf_modules=cfg.leaf_modules)
+    reference = trace(student_run, to_module(example, student_run), leaf_modules=cfg.leaf_modules)
     work = copy.deepcopy(student_run).to(device)
-    student_gm = trace(work, _like(example, work), leaf_modules=cfg.leaf_modules)
+    student_gm = trace(work, to_module(example, work), leaf_modules=cfg.leaf_modules)
     maps, source = dict(cfg.channel_maps), "given"
     if not maps:
         maps, source = channel_maps_of(student), "builder"
@@ -132,7 +117,7 @@ def compress(
     report = _report(alignment, insert, calibrate, fold, adapter_of, cfg, len(samples))
     validation = None
     if onnx is not None:
-        path = export_onnx(student_gm, _like(example, student_gm), onnx)
+        path = export_onnx(student_gm, to_module(example, student_gm), onnx)
         original = copy.deepcopy(student).to(device)
         if cfg.fold_batchnorm:
             original = trace(original, leaf_modules=cfg.leaf_modules)
@@ -140,11 +125,11 @@ def compress(
         validation = validate_onnx(
             path,
             student_gm,
-            _like(samples, student_gm),
+            to_module(samples, student_gm),
             atol=cfg.onnx_atol,
             rtol=cfg.onnx_rtol,
-            weight_elements=exported_elements(student_gm, _like(example, student_gm)),
-            reference_elements=exported_elements(original, _like(example, original)),
+            weight_elements=exported_elements(student_gm, to_module(example, student_gm)),
+            reference_elements=exported_elements(original, to_module(example, original)),
         )
     return CompressResult(student_gm, report, validation, alignment)
 

@@ -34,6 +34,7 @@ from fxkd.errors import CalibrationError
 from fxkd.fold import compose_pointwise, effective_affine
 from fxkd.lstsq import NormalEquations
 from fxkd.patches import patches, rows
+from fxkd.placement import module_device, module_dtype, to_module
 from fxkd.trace import eval_mode, trace
 
 from .adapter import ADAPTER_TYPES, KernelAdapter, PointwiseAdapter
@@ -163,7 +164,7 @@ class CalibrateAdapters(FxkdPass):
         groups = _groups(gm)
         if not groups:
             return PassResult(gm, False)
-        device = torch.device(self.config.device) if self.config.device else _device(gm)
+        device = torch.device(self.config.device) if self.config.device else module_device(gm)
         t_nodes = {n.name: n for n in self.teacher.graph.nodes}
         missing = [
             m.module.pair.teacher_point
@@ -179,14 +180,14 @@ class CalibrateAdapters(FxkdPass):
         chunks = list(_shard(self.samples).split(self.config.chunk_size))
         targets = [t_nodes[ms[0].module.pair.teacher_point] for ms in groups.values()]
         teacher = GraphRunner(
-            self.teacher, [_like(c, self.teacher) for c in chunks], pinned=targets
+            self.teacher, [to_module(c, self.teacher) for c in chunks], pinned=targets
         )
-        student = GraphRunner(gm, [_like(c, gm).to(device) for c in chunks])
-        dtype = torch.float64 if _dtype(gm) == torch.float64 else torch.float32
+        student = GraphRunner(gm, [to_module(c, gm).to(device) for c in chunks])
+        dtype = torch.float64 if module_dtype(gm) == torch.float64 else torch.float32
         reference = None
         if self.reference is not None:
             r_nodes = {n.name: n for n in self.reference.graph.nodes}
-            reference = GraphRunner(self.reference, [_like(c, self.reference) for c in chunks])
+            reference = GraphRunner(self.reference, [to_module(c, self.reference) for c in chunks])
             reference.pinned = {r_nodes[ms[0].module.pair.site.point] for ms in groups.values()}
         pending = {m.node for ms in groups.values() for m in ms}
         models = [m for m in (self.teacher, gm, self.reference) if m is not None]
@@ -395,18 +396,3 @@ def _shard(samples: torch.Tensor) -> torch.Tensor:
     if dist.is_available() and dist.is_initialized():
         return samples[dist.get_rank() :: dist.get_world_size()]
     return samples
-
-
-def _dtype(module: nn.Module) -> torch.dtype:
-    p = next(module.parameters(), None)
-    return p.dtype if p is not None else torch.float32
-
-
-def _like(x: torch.Tensor, module: nn.Module) -> torch.Tensor:
-    """Samples on the module's device, in its floating dtype."""
-    return x.to(_device(module), _dtype(module))
-
-
-def _device(module: nn.Module) -> torch.device:
-    p = next(module.parameters(), None)
-    return p.device if p is not None else torch.device("cpu")
