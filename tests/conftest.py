@@ -1,3 +1,4 @@
+import os
 import sys
 from pathlib import Path
 
@@ -18,5 +19,7 @@ _common = dict(
     deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture]
 )
 settings.register_profile("ci", max_examples=12, derandomize=True, **_common)
-settings.register_profile("soak", max_examples=400, **_common)
+settings.register_profile(
+    "soak", max_examples=int(os.environ.get("FXKD_SOAK_EXAMPLES", "400")), **_common
+)
 settings.load_profile("ci")
