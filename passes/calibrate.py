@@ -78,8 +78,13 @@ class _Member:
         self.pointwise = isinstance(self.module, PointwiseAdapter)
 
     def kernel_unknowns(self) -> int:
-        w = self.producer.weight
-        return w[0].numel() + int(self.bias)
+        return self.producer.weight[0].numel() + int(self.bias)
+
+    def feature_size(self) -> int:
+        """D, the features per group of the system this member is solved with."""
+        if self.pointwise:
+            return self.module.pair.site.channels // self.groups
+        return self.producer.weight[0].numel()
 
     @property
     def groups(self) -> int:
@@ -285,8 +290,7 @@ class CalibrateAdapters(FxkdPass):
         g = members[0].groups
         dims = members[0].module.dims
         bias = any(m.bias for m in members)
-        first = members[0].features(student, 0)
-        sizes = [first.shape[-1]] + [m.features(student, 0).shape[-1] for m in members[1:]]
+        sizes = [m.feature_size() for m in members]
         channels = targets[0].shape[-1 if dims == 0 else 1]
         eqs = NormalEquations(g, sum(sizes), channels // g, bias=bias, device=targets[0].device)
         for i, y in enumerate(targets):
