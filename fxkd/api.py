@@ -163,6 +163,11 @@ def _report(alignment, insert, calibrate, fold, adapter_of, cfg, num_samples) ->
                 f"underdetermined: {rec.rows} rows for {rec.unknowns} unknowns per "
                 "output, the ridge keeps it near the student as given"
             )
+        if rec.conditioning is not None and rec.conditioning.ill:
+            notes.append(
+                f"ill-conditioned features, {rec.conditioning}: the ridge holds the "
+                "undetermined directions at the student as given"
+            )
         report.rows.append(
             BlockRow(
                 site.point,
@@ -174,6 +179,7 @@ def _report(alignment, insert, calibrate, fold, adapter_of, cfg, num_samples) ->
                 rec.err_after,
                 folded=reason is None,
                 note="; ".join(notes),
+                conditioning=rec.conditioning,
             )
         )
     for s in alignment.skipped:

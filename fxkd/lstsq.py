@@ -12,18 +12,68 @@ ridge solution shrunk towards a prior ``W0`` (the student as it is):
 
 by Cholesky in fp64, falling back to an eigendecomposition pseudo-inverse for systems Cholesky
 rejects. The sums are over rows, so data-parallel calibration is one ``all_reduce`` per solve.
+
+``conditioning`` diagnoses the features before the ridge: with the (centred, when there is a
+bias) second moments ``S`` and their correlation ``R = D^-1/2 S D^-1/2``, a feature is *dead*
+when its variance is zero, *dependent* when the Cholesky pivot of R at it (the share of its
+variance that earlier features do not explain) is below fp32 precision, and
+
+    cond(R) ≥ 1 / min pivot
+
+(every Schur-complement pivot is at least λ_min(R), and λ_max(R) ≥ 1), a lower bound that costs
+one Cholesky instead of an eigendecomposition.
 """
 
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
 
-__all__ = ["NormalEquations"]
+__all__ = ["Conditioning", "NormalEquations"]
 
 log = logging.getLogger(__name__)
+
+
+DEPENDENT_PIVOT = 1e-7
+"""A feature whose unexplained share of variance is below this is numerically dependent (fp32
+features carry about 7 significant digits)."""
+
+ILL_CONDITIONED = 1e6
+"""Condition bound above which the unridged solution is dominated by fp32 rounding noise."""
+
+
+@dataclass(frozen=True)
+class Conditioning:
+    """How well the features determine the solution, summed over the P systems.
+
+    features: P·D; dead: zero-variance features; dependent: live features (numerically) linear
+    in earlier ones (duplicated channels, fewer rows than features); rank = features − dead −
+    dependent; condition: the lower bound ``1 / min pivot`` of the live features' correlation
+    matrix (worst system)."""
+
+    features: int
+    dead: int
+    dependent: int
+    condition: float
+
+    @property
+    def rank(self) -> int:
+        return self.features - self.dead - self.dependent
+
+    @property
+    def ill(self) -> bool:
+        """True when the ridge, not the samples, decides some directions of the solution."""
+        return bool(self.dead or self.dependent or self.condition > ILL_CONDITIONED)
+
+    def __str__(self) -> str:
+        bound = "singular" if self.condition == float("inf") else f">= {self.condition:.1e}"
+        return (
+            f"rank {self.rank}/{self.features} ({self.dead} dead, {self.dependent} dependent), "
+            f"condition {bound}"
+        )
 
 
 class NormalEquations:
@@ -86,6 +136,34 @@ class NormalEquations:
             for t in (self.gram, self.cross):
                 dist.all_reduce(t)
 
+    def conditioning(self) -> Conditioning:
+        """Dead and dependent features and a condition bound of the accumulated features."""
+        d, n = self.features, max(self.rows, 1)
+        s = self.gram[:, :d, :d] / n
+        if self.bias:  # centred second moments: a constant feature is collinear with the bias
+            mean = self.gram[:, d:, :d] / n
+            s = s - mean.transpose(-1, -2) @ mean
+        var = torch.diagonal(s, dim1=-2, dim2=-1).clamp_min(0)
+        scale = var.amax(dim=-1, keepdim=True)
+        live = var > scale * torch.finfo(torch.float64).eps
+        dead = int((~live).sum())
+        if dead == 0:  # the usual case: every system at once
+            systems = [(s, var)]
+        else:
+            systems = [
+                (s[p][idx][:, idx][None], var[p, idx][None])
+                for p, idx in ((p, live[p].nonzero().squeeze(1)) for p in range(len(s)))
+                if idx.numel()
+            ]
+        dependent, condition = 0, 1.0
+        for cov, v in systems:
+            sd = v.rsqrt()
+            pivots = _cholesky_pivots(cov * sd[..., :, None] * sd[..., None, :])
+            dependent += int((pivots < DEPENDENT_PIVOT).sum())
+            smallest = float(pivots.min())
+            condition = max(condition, 1.0 / smallest if smallest > 0 else float("inf"))
+        return Conditioning(s.shape[0] * d, dead, dependent, condition)
+
     def solve(self, ridge: float, prior: torch.Tensor | None = None) -> torch.Tensor:
         """The (P, D[+1], K) solution; ``prior`` (same shape) is what the ridge shrinks towards."""
         g, b = self.gram, self.cross
@@ -107,6 +185,17 @@ class NormalEquations:
             )
             w[bad] = _pinv_solve(a[bad], rhs[bad])
         return w
+
+
+def _cholesky_pivots(corr: torch.Tensor) -> torch.Tensor:
+    """Pivots ``L_ii²`` of the Cholesky factor of a correlation matrix (unit diagonal). A tiny
+    jitter keeps exactly singular matrices factorable; their pivots come out at the jitter."""
+    jitter = corr.shape[-1] * torch.finfo(torch.float64).eps
+    eye = torch.eye(corr.shape[-1], dtype=corr.dtype, device=corr.device)
+    chol, info = torch.linalg.cholesky_ex(corr + jitter * eye)
+    if bool((info != 0).any()):  # indefinite beyond the jitter (rounding): the spectrum instead
+        return torch.linalg.eigvalsh(corr).clamp_min(0)
+    return torch.diagonal(chol, dim1=-2, dim2=-1).square()
 
 
 def _pinv_solve(a: torch.Tensor, rhs: torch.Tensor) -> torch.Tensor:

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from fxkd.lstsq import Conditioning
+
 __all__ = ["BlockRow", "Report"]
 
 
@@ -12,7 +14,8 @@ class BlockRow:
     """One student site: where its adapter went, what it matched, its errors, fold status.
 
     Errors are relative squared errors ``Σ||y_t − y_s||² / Σ||y_t||²`` at the matched point on
-    the calibration samples: ``err_given`` for the student as given, ``err_after`` after."""
+    the calibration samples: ``err_given`` for the student as given, ``err_after`` after.
+    ``conditioning`` says how well the samples determined the solve (``.ill`` flags it)."""
 
     student: str
     teacher: str | None
@@ -23,6 +26,7 @@ class BlockRow:
     err_after: float | None = None
     folded: bool = False
     note: str = ""
+    conditioning: Conditioning | None = None
 
 
 @dataclass

@@ -32,7 +32,7 @@ from tqdm.auto import tqdm
 from fxkd.config import CompressConfig
 from fxkd.errors import CalibrationError
 from fxkd.fold import compose_pointwise, effective_affine
-from fxkd.lstsq import NormalEquations
+from fxkd.lstsq import Conditioning, NormalEquations
 from fxkd.patches import patches, rows
 from fxkd.placement import module_device, module_dtype, to_module
 from fxkd.trace import eval_mode, trace
@@ -51,7 +51,8 @@ class SiteRecord:
     """What calibration measured at one adapter (relative squared errors on the samples).
 
     err_given: the student as given; err_before: this site with an identity adapter, fed by the
-    already-corrected student; err_after: after the solve."""
+    already-corrected student; err_after: after the solve. conditioning: how well the samples
+    determine the solve (dead/dependent features, condition bound; ``.ill`` flags trouble)."""
 
     adapter: str
     err_given: float | None
@@ -60,6 +61,7 @@ class SiteRecord:
     rows: int
     unknowns: int
     solved_as: str = ""
+    conditioning: Conditioning | None = None
 
 
 @dataclass
@@ -242,15 +244,25 @@ class CalibrateAdapters(FxkdPass):
                     m.kernel_unknowns(),
                 )
         if len(members) == 1 or all(m.groups == 1 for m in members):
-            rows_seen, unknowns = self._solve_jointly(student, members, residual_node, targets)
+            rows_seen, unknowns, cond = self._solve_jointly(
+                student, members, residual_node, targets
+            )
         else:  # residual add of grouped producers: block-coordinate descent over the members
             rows_seen = unknowns = 0
+            conds = []
             for m in members:
                 others = [o for o in members if o is not m]
-                rows_seen, u = self._solve_jointly(
+                rows_seen, u, c = self._solve_jointly(
                     student, [m], residual_node, targets, extra=others
                 )
                 unknowns += u
+                conds.append(c)
+            cond = Conditioning(
+                sum(c.features for c in conds),
+                sum(c.dead for c in conds),
+                sum(c.dependent for c in conds),
+                max(c.condition for c in conds),
+            )
         for m in members:
             pending.discard(m.node)
             student.run_node(m.node)
@@ -271,6 +283,7 @@ class CalibrateAdapters(FxkdPass):
                 rows_seen,
                 unknowns,
                 "pointwise" if m.pointwise else "kernel",
+                cond,
             )
         log.debug("%s: rel err %.4g -> %.4g", point.name, err_before, err_after)
 
@@ -311,6 +324,9 @@ class CalibrateAdapters(FxkdPass):
                 _non_finite(f"teacher node {members[0].module.pair.teacher_point} or a residual")
             )
         unknowns = eqs.gram.shape[-1]
+        conditioning = eqs.conditioning()
+        if conditioning.ill:
+            log.info("%s: ill-conditioned features: %s", members[0].node.name, conditioning)
         if eqs.rows < unknowns:
             log.warning(
                 "%s: %d sample rows for %d unknowns per output; the ridge decides the rest "
@@ -339,7 +355,7 @@ class CalibrateAdapters(FxkdPass):
         for m, size in zip(members, sizes, strict=True):
             m.write(w[:, offset : offset + size], biases.get(id(m)))
             offset += size
-        return eqs.rows, unknowns
+        return eqs.rows, unknowns, conditioning
 
 
 def _groups(gm: fx.GraphModule) -> dict[fx.Node, list[_Member]]:

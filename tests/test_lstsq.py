@@ -1,3 +1,4 @@
+import pytest
 import torch
 
 from fxkd.lstsq import NormalEquations
@@ -42,3 +43,59 @@ def test_singular_system_falls_back_to_pseudo_inverse():
     w = eqs.solve(ridge=0.0)
     assert torch.isfinite(w).all()
     torch.testing.assert_close(x @ w, y.float().double(), rtol=1e-4, atol=1e-4)
+
+
+def _conditioning(x, bias=True):
+    eqs = NormalEquations(x.shape[0], x.shape[-1], 2, bias=bias)
+    eqs.update(x, torch.randn(*x.shape[:-1], 2))
+    return eqs.conditioning(), eqs.solve(ridge=1e-4)
+
+
+def test_conditioning_of_well_posed_features_is_clean():
+    cond, w = _conditioning(torch.randn(2, 400, 12))
+    assert (cond.features, cond.dead, cond.dependent, cond.rank) == (24, 0, 0, 24)
+    assert not cond.ill and 1.0 <= cond.condition < 10 and torch.isfinite(w).all()
+
+
+def test_conditioning_counts_dead_and_duplicated_features():
+    x = torch.randn(1, 400, 12)
+    x[..., 3] = 0.0  # a dead ReLU channel
+    x[..., 7] = 5.0  # constant: collinear with the bias column
+    x[..., 9] = x[..., 1]  # a duplicated channel
+    x[..., 10] = 2 * x[..., 2] - x[..., 4]  # a linear combination
+    cond, w = _conditioning(x)
+    assert (cond.dead, cond.dependent, cond.rank) == (2, 2, 8)
+    assert cond.ill and torch.isfinite(w).all()
+    assert "rank 8/12 (2 dead, 2 dependent), condition singular" in str(cond)
+
+
+def test_conditioning_flags_fewer_rows_than_features():
+    cond, w = _conditioning(torch.randn(1, 6, 12))  # 6 rows, centred: rank 5
+    assert cond.rank == 5 and cond.ill and torch.isfinite(w).all()
+
+
+def test_conditioning_bounds_a_near_collinear_pair():
+    x = torch.randn(1, 2000, 4, dtype=torch.float64)
+    x[..., 1] = x[..., 0] + 5e-4 * x[..., 1]  # unexplained share 2.5e-7: above fp32 noise
+    cond, _ = _conditioning(x)
+    assert cond.dependent == 0 and 1e6 < cond.condition < 1e8 and cond.ill
+    x[..., 1] = x[..., 0] + 1e-4 * x[..., 2]  # share 1e-8: below it, counted as dependent
+    cond, _ = _conditioning(x)
+    assert cond.dependent == 1 and cond.rank == 3
+
+
+@pytest.mark.parametrize("scale", [1e-6, 1e6])
+def test_extreme_scales_solve_the_same_problem(scale):
+    """The ridge is relative to the Gram's diagonal, so scaling x and y together changes
+    neither the solution nor the diagnosis."""
+    x, y, _ = _planted(groups=1, d=6, k=3, rows=300)
+    x, y = x.float(), (y + 0.1 * torch.randn_like(y)).float()
+    ref = NormalEquations(1, 6, 3, bias=True)
+    ref.update(x, y)
+    big = NormalEquations(1, 6, 3, bias=True)
+    big.update(x * scale, y * scale)
+    w_ref, w = ref.solve(1e-4), big.solve(1e-4)
+    assert torch.isfinite(w).all()
+    torch.testing.assert_close(w[:, :6], w_ref[:, :6], rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(w[:, 6:] / scale, w_ref[:, 6:], rtol=1e-4, atol=1e-4)
+    assert big.conditioning().rank == ref.conditioning().rank == 6
