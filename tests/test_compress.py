@@ -187,3 +187,47 @@ def test_nan_in_a_feature_names_the_node():
         teacher.features[3].weight[0, 0, 0, 0] = float("nan")  # second conv: NaN from there on
     with pytest.raises(fxkd.CalibrationError, match="NaN or Inf in teacher node features_4"):
         fxkd.compress(teacher, student, torch.randn(16, *shape), progress=False)
+
+
+class _SharedConv(torch.nn.Module):
+    """One conv module applied twice (weight sharing): no adapter can be folded into it."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = torch.nn.Conv2d(3, 8, 3, padding=1)
+        self.shared = torch.nn.Conv2d(8, 8, 3, padding=1)
+        self.head = torch.nn.Linear(8, 4)
+
+    def forward(self, x):
+        x = torch.relu(self.stem(x))
+        x = torch.relu(self.shared(torch.relu(self.shared(x))))
+        return self.head(x.mean(dim=(2, 3)))
+
+
+def test_producer_called_twice_is_skipped_with_its_reason():
+    torch.manual_seed(0)
+    teacher = _SharedConv().eval()
+    student = plant(teacher)
+    result = fxkd.compress(teacher, student, torch.randn(64, 3, 8, 8), progress=False)
+    skipped = [r for r in result.report.rows if r.adapter is None]
+    assert {r.student for r in skipped} == {"shared", "shared_1"}, str(result.report)
+    assert all("called 2 times" in r.note for r in skipped)
+    assert {r.student for r in result.report.calibrated} == {"stem", "head"}
+    assert all(r.folded for r in result.report.calibrated)
+    assert "skipped: module shared is called 2 times" in str(result.report)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_teacher_and_student_on_different_devices():
+    """Teacher on the CPU, student on the GPU: calibration runs on the student's device and
+    the result stays there; the inputs stay where they were."""
+    teacher, shape = make("vgg")
+    student = plant(teacher).cuda()
+    result = fxkd.compress(teacher, student, torch.randn(128, *shape), progress=False)
+    assert next(result.model.parameters()).device.type == "cuda"
+    assert next(teacher.parameters()).device.type == "cpu"
+    x = torch.randn(16, *shape)
+    with torch.no_grad():
+        err = _rel(result.model(x.cuda()).cpu(), teacher(x))
+        before = _rel(student(x.cuda()).cpu(), teacher(x))
+    assert err < before / 5
