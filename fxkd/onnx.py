@@ -21,12 +21,14 @@ import torch
 from torch import nn
 
 from fxkd.errors import OnnxValidationError
+from fxkd.onnx_fold import fold_adapters
 from fxkd.trace import eval_mode
 
 __all__ = [
     "ValidationReport",
     "export_onnx",
     "exported_elements",
+    "fold_adapters",
     "initializer_elements",
     "validate_onnx",
 ]
