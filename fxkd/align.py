@@ -1,11 +1,14 @@
 """Alignment: which student sites get an adapter, and which teacher value each must match.
 
 A *site* is an affine producer (Conv1d/2d/3d or Linear), optionally followed by an eval
-BatchNorm (its *anchor* is the last of the two), optionally followed by an ``add`` whose other
-operand (the *residual*) does not depend on the site. The adapter goes after the anchor; the
-*point* (the anchor, or the add) is the value compared with the teacher — usually just before a
-nonlinearity, but a linear bottleneck's output (MobileNetV2) or a branch before a concat is a
-point too. A producer without BatchNorm that feeds another conv/linear directly is the first
+BatchNorm (its *anchor* is the last of the two), then by any per-channel linear *steps*
+(identity/eval-dropout modules, axis permutations, a constant per-channel scale such as
+ConvNeXt's layer scale), optionally followed by an ``add`` whose other operand (the *residual*)
+does not depend on the site. The adapter goes after the anchor; the *point* (the end of the
+steps, or the add) is the value compared with the teacher — usually just before a nonlinearity,
+but a linear bottleneck's output (MobileNetV2) or a branch before a concat is a point too.
+Calibration maps the point's targets back through the steps (inverse permutation, division by
+the scale). A producer without BatchNorm that feeds another conv/linear directly is the first
 factor of a factorised layer (decoupled depthwise → pointwise), not a site::
 
     producer ─▶ [BatchNorm] ─▶ ADAPTER ─▶ [+ residual] ─▶ nonlinearity | output
@@ -43,6 +46,7 @@ from fxkd.errors import AlignmentError
 from fxkd.nodes import (
     add_operands,
     affine_module,
+    channel_step,
     eval_batchnorm,
     is_nonlinearity,
     module_call_counts,
@@ -80,6 +84,8 @@ class Site:
     channels: int
     groups: int
     shape: tuple[int, ...]
+    channel_dim: int = 1
+    steps: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -119,10 +125,6 @@ class Alignment:
         for s in self.skipped:
             lines.append(f"  {s.node:<24} skipped: {s.reason}")
         return "\n".join(lines)
-
-
-def _channels(shape: tuple[int, ...], dims: int) -> int:
-    return shape[-1] if dims == 0 else shape[1]
 
 
 def _depends_on(node: fx.Node, ancestor: fx.Node) -> bool:
@@ -180,12 +182,23 @@ def find_sites(gm: fx.GraphModule) -> tuple[list[Site], list[SkippedSite]]:
                     )
                 )
                 continue
-        point, residual = anchor, None
-        if len(anchor.users) == 1:
-            (user,) = anchor.users
+        anchor_shape = node_shape(anchor)
+        ndim = len(anchor_shape) if anchor_shape is not None else 2
+        channel_dim = ndim - 1 if dims == 0 else 1
+        end, steps = anchor, []
+        while len(end.users) == 1:
+            (user,) = end.users
+            step = channel_step(gm, user, end, channel_dim, ndim)
+            if step is None:
+                break
+            end, channel_dim = user, step[1]
+            steps.append(user.name)
+        point, residual = end, None
+        if len(end.users) == 1:
+            (user,) = end.users
             operands = add_operands(user)
             if operands is not None and operands[0] is not operands[1]:
-                other = operands[1] if operands[0] is anchor else operands[0]
+                other = operands[1] if operands[0] is end else operands[0]
                 if not _depends_on(other, anchor):
                     point, residual = user, other
         if (
@@ -217,9 +230,23 @@ def find_sites(gm: fx.GraphModule) -> tuple[list[Site], list[SkippedSite]]:
                 point=point.name,
                 residual=residual.name if residual is not None else None,
                 dims=dims,
-                channels=_channels(shape, dims),
+                channels=shape[channel_dim],
                 groups=getattr(module, "groups", 1),
                 shape=shape,
+                channel_dim=channel_dim,
+                steps=tuple(steps),
+            )
+        )
+    sharing: dict[str, int] = {}
+    for site in sites:
+        sharing[site.point] = sharing.get(site.point, 0) + 1
+    for site in [s for s in sites if s.steps and sharing[s.point] > 1]:
+        sites.remove(site)
+        skipped.append(
+            SkippedSite(
+                site.producer,
+                f"seen through {', '.join(site.steps)} to an add it shares with another "
+                "site; joint solves through per-channel steps are not supported",
             )
         )
     return sites, skipped
@@ -309,8 +336,8 @@ def _pair(
             site.producer,
             f"teacher {t_node.name} has shape {t_shape}, student {site.point} {site.shape}",
         )
-    t_channels = _channels(t_shape, site.dims)
-    other = (lambda s: s[1:-1]) if site.dims == 0 else (lambda s: s[2:])
+    t_channels = t_shape[site.channel_dim]
+    other = lambda s: tuple(n for i, n in enumerate(s) if i not in (0, site.channel_dim))  # noqa: E731
     if other(t_shape) != other(site.shape):
         return SkippedSite(
             site.producer, f"shape {site.shape} does not match teacher {t_node.name} {t_shape}"

@@ -1,5 +1,6 @@
 """Node classification shared by alignment and the passes: producers, BatchNorms, adds,
-nonlinearities. Pure functions of (GraphModule, Node)."""
+nonlinearities, and the per-channel linear steps a site is seen through. Pure functions of
+(GraphModule, Node)."""
 
 from __future__ import annotations
 
@@ -14,10 +15,13 @@ __all__ = [
     "AFFINE_TYPES",
     "add_operands",
     "affine_module",
+    "channel_step",
     "eval_batchnorm",
     "is_nonlinearity",
     "module_call_counts",
+    "redo_steps",
     "spatial_dims",
+    "undo_steps",
 ]
 
 AFFINE_TYPES = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
@@ -85,6 +89,9 @@ _NONLINEAR_METHODS = {
     "clamp",
 }
 _ADD_FUNCTIONS = {operator.add, operator.iadd, torch.add}
+_IDENTITY_MODULES = (nn.Identity, nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d)
+_PERMUTE_FUNCTIONS = {torch.permute}
+_MUL_FUNCTIONS = {operator.mul, operator.imul, torch.mul}
 
 
 def _module(gm: fx.GraphModule, node: fx.Node) -> nn.Module | None:
@@ -149,3 +156,87 @@ def module_call_counts(gm: fx.GraphModule) -> dict[str, int]:
         if node.op == "call_module":
             counts[str(node.target)] = counts.get(str(node.target), 0) + 1
     return counts
+
+
+def _permutation(node: fx.Node) -> tuple[int, ...] | None:
+    if node.op == "call_function" and node.target in _PERMUTE_FUNCTIONS:
+        dims = node.args[1] if len(node.args) > 1 else node.kwargs.get("dims")
+    elif node.op == "call_method" and node.target == "permute":
+        dims = node.args[1] if len(node.args) == 2 else node.args[1:]
+    else:
+        return None
+    if isinstance(dims, (list, tuple)) and all(isinstance(d, int) for d in dims):
+        return tuple(dims)
+    return None
+
+
+def _constant(gm: fx.GraphModule, node: object) -> torch.Tensor | None:
+    """The tensor behind a get_attr node (a parameter or buffer), else None."""
+    if isinstance(node, fx.Node) and node.op == "get_attr":
+        value = gm
+        for part in str(node.target).split("."):
+            value = getattr(value, part, None)
+        if isinstance(value, torch.Tensor):
+            return value
+    return None
+
+
+def channel_step(
+    gm: fx.GraphModule, node: fx.Node, x: fx.Node, channel_dim: int, ndim: int
+) -> tuple[str, int] | None:
+    """Whether ``node`` applies to ``x`` (channels at ``channel_dim`` of ``ndim``) a map that is
+    linear per channel and invertible, and so can be seen through between a site and its point:
+    identity modules (Identity, Dropout in eval), a permutation of the axes, or a product with a
+    constant (parameter/buffer) that varies along the channel axis only (layer scale), nowhere
+    zero. Returns (kind, channel dim after the step) or None."""
+    if node.op == "call_module" and isinstance(_module(gm, node), _IDENTITY_MODULES):
+        return ("identity", channel_dim) if node.args[0] is x else None
+    perm = _permutation(node)
+    if perm is not None and node.args[0] is x and sorted(perm) == list(range(ndim)):
+        return "permute", [p % ndim for p in perm].index(channel_dim % ndim)
+    if node.op == "call_function" and node.target in _MUL_FUNCTIONS and len(node.args) == 2:
+        a, b = node.args
+        other = b if a is x else a if b is x else None
+        scale = _constant(gm, other)
+        if scale is None or scale.dim() > ndim:
+            return None
+        shape = [1] * (ndim - scale.dim()) + list(scale.shape)
+        c = channel_dim % ndim
+        if any(n != 1 for i, n in enumerate(shape) if i != c):
+            return None
+        if not bool((scale != 0).all()):
+            return None
+        return "scale", channel_dim
+    return None
+
+
+def _scale_of(gm: fx.GraphModule, node: fx.Node) -> torch.Tensor | None:
+    if node.op == "call_function" and node.target in _MUL_FUNCTIONS:
+        return next((t for t in (_constant(gm, a) for a in node.args) if t is not None), None)
+    return None
+
+
+def redo_steps(gm: fx.GraphModule, steps: list[fx.Node], value: torch.Tensor) -> torch.Tensor:
+    """Apply seen-through ``steps`` (in order) to a value at their start."""
+    for node in steps:
+        perm, scale = _permutation(node), _scale_of(gm, node)
+        if perm is not None:
+            value = value.permute(*perm)
+        elif scale is not None:
+            value = value * scale.to(value)
+    return value
+
+
+def undo_steps(gm: fx.GraphModule, steps: list[fx.Node], value: torch.Tensor) -> torch.Tensor:
+    """Map a value at the end of ``steps`` back to their start: inverse permutations, division
+    by the (nowhere zero) scales, identities skipped."""
+    for node in reversed(steps):
+        perm, scale = _permutation(node), _scale_of(gm, node)
+        if perm is not None:
+            inverse = [0] * len(perm)
+            for i, p in enumerate(perm):
+                inverse[p % len(perm)] = i
+            value = value.permute(*inverse)
+        elif scale is not None:
+            value = value / scale.to(value)
+    return value

@@ -33,6 +33,7 @@ from fxkd.config import CompressConfig
 from fxkd.errors import CalibrationError
 from fxkd.fold import compose_pointwise, effective_affine
 from fxkd.lstsq import Conditioning, NormalEquations
+from fxkd.nodes import redo_steps, undo_steps
 from fxkd.patches import patches, rows
 from fxkd.placement import module_device, module_dtype, to_module
 from fxkd.trace import eval_mode, trace
@@ -196,7 +197,14 @@ class CalibrateAdapters(FxkdPass):
             r_nodes = {n.name: n for n in self.reference.graph.nodes}
             reference = GraphRunner(self.reference, [to_module(c, self.reference) for c in chunks])
             reference.pinned = {r_nodes[ms[0].module.pair.site.point] for ms in groups.values()}
+        # adapters not solved yet, and the seen-through steps after them, wait for their solve
         pending = {m.node for ms in groups.values() for m in ms}
+        pending |= {
+            student.by_name[name]
+            for ms in groups.values()
+            for m in ms
+            for name in m.module.pair.site.steps
+        }
         models = [m for m in (self.teacher, gm, self.reference) if m is not None]
         self.records = {}
         with torch.no_grad(), eval_mode(*models):
@@ -218,11 +226,10 @@ class CalibrateAdapters(FxkdPass):
     ):
         student.run_until(point, defer=pending)
         pair = members[0].module.pair
-        dims = pair.site.dims
         cmap = (
             torch.tensor(pair.channel_map, device=device) if pair.channel_map is not None else None
         )
-        channel_dim = -1 if dims == 0 else 1
+        channel_dim = pair.site.channel_dim
         targets = [
             t.to(device, dtype)
             if cmap is None
@@ -232,8 +239,9 @@ class CalibrateAdapters(FxkdPass):
         member_nodes = {m.node for m in members}
         residual = [a for a in point.all_input_nodes if a not in member_nodes]
         residual_node = residual[0] if point not in member_nodes and residual else None
-        err_before = self._identity_error(student, members, residual_node, targets)
-        sample_rows = _global_rows(targets, dims)
+        steps = [student.by_name[n] for n in pair.site.steps]
+        err_before = self._identity_error(student, members, residual_node, targets, steps)
+        sample_rows = _global_rows(targets, channel_dim)
         for m in members:
             if not m.pointwise and sample_rows < m.kernel_unknowns():
                 m.pointwise = True
@@ -245,7 +253,7 @@ class CalibrateAdapters(FxkdPass):
                 )
         if len(members) == 1 or all(m.groups == 1 for m in members):
             rows_seen, unknowns, cond = self._solve_jointly(
-                student, members, residual_node, targets
+                student, members, residual_node, targets, steps
             )
         else:  # residual add of grouped producers: block-coordinate descent over the members
             rows_seen = unknowns = 0
@@ -253,7 +261,7 @@ class CalibrateAdapters(FxkdPass):
             for m in members:
                 others = [o for o in members if o is not m]
                 rows_seen, u, c = self._solve_jointly(
-                    student, [m], residual_node, targets, extra=others
+                    student, [m], residual_node, targets, steps, extra=others
                 )
                 unknowns += u
                 conds.append(c)
@@ -266,7 +274,10 @@ class CalibrateAdapters(FxkdPass):
         for m in members:
             pending.discard(m.node)
             student.run_node(m.node)
-        if point not in member_nodes:
+        for step in steps:
+            pending.discard(step)
+            student.run_node(step)
+        if point not in member_nodes and point not in steps:
             student.run_node(point)
         err_after = _rel_error(student.value(point), targets)
         err_given = None
@@ -288,23 +299,24 @@ class CalibrateAdapters(FxkdPass):
         log.debug("%s: rel err %.4g -> %.4g", point.name, err_before, err_after)
 
     @staticmethod
-    def _identity_error(student, members, residual_node, targets) -> float:
+    def _identity_error(student, members, residual_node, targets, steps) -> float:
         """The point's error with identity adapters (the already-corrected student's input)."""
         values = []
         for i in range(len(targets)):
             v = sum(student.value(m.node.args[0])[i] for m in members)
+            v = redo_steps(student.gm, steps, v)
             if residual_node is not None:
                 v = v + student.value(residual_node)[i]
             values.append(v)
         return _rel_error(values, targets)
 
-    def _solve_jointly(self, student, members, residual_node, targets, extra=()):
+    def _solve_jointly(self, student, members, residual_node, targets, steps, extra=()):
         """One least-squares system over the members' features (concatenated when several)."""
         g = members[0].groups
         dims = members[0].module.dims
         bias = any(m.bias for m in members)
         sizes = [m.feature_size() for m in members]
-        channels = targets[0].shape[-1 if dims == 0 else 1]
+        channels = members[0].module.pair.site.channels
         eqs = NormalEquations(g, sum(sizes), channels // g, bias=bias, device=targets[0].device)
         for i, y in enumerate(targets):
             feats = torch.cat([m.features(student, i) for m in members], dim=-1)
@@ -312,7 +324,7 @@ class CalibrateAdapters(FxkdPass):
                 y = y - student.value(residual_node)[i]
             for o in extra:  # other members held fixed at their current output
                 y = y - o.module(*[student.value(a)[i] for a in o.node.args])
-            y = rows(y, dims)
+            y = rows(undo_steps(student.gm, steps, y), dims)
             eqs.update(feats.transpose(0, 1), y.reshape(y.shape[0], g, -1).transpose(0, 1))
         eqs.all_reduce()
         if not torch.isfinite(eqs.gram).all():
@@ -394,9 +406,9 @@ def _rel_error(values: list[torch.Tensor], targets: list[torch.Tensor]) -> float
     return float(sums[0] / sums[1].clamp_min(1e-300))
 
 
-def _global_rows(targets: list[torch.Tensor], dims: int) -> int:
+def _global_rows(targets: list[torch.Tensor], channel_dim: int) -> int:
     """Sample rows (samples x positions) at a point, summed over ranks."""
-    count = sum(t.numel() // t.shape[-1 if dims == 0 else 1] for t in targets)
+    count = sum(t.numel() // t.shape[channel_dim] for t in targets)
     if dist.is_available() and dist.is_initialized():
         total = torch.tensor([count], dtype=torch.float64)
         dist.all_reduce(total)

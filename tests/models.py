@@ -127,6 +127,36 @@ class MLP(nn.Module):
         return self.layers[-1](x)
 
 
+class ConvNeXtBlock(nn.Module):
+    """torchvision's CNBlock in miniature: depthwise 7x7, channels-last LayerNorm and MLP, layer
+    scale, dropout (identity in eval), residual add. The second Linear's site is seen through
+    the permute, the layer scale and the dropout to the add."""
+
+    def __init__(self, dim: int) -> None:
+        super().__init__()
+        self.dw = nn.Conv2d(dim, dim, 7, padding=3, groups=dim)
+        self.norm = nn.LayerNorm(dim, eps=1e-6)
+        self.fc1, self.fc2 = nn.Linear(dim, 4 * dim), nn.Linear(4 * dim, dim)
+        self.layer_scale = nn.Parameter(torch.rand(dim, 1, 1) + 0.5)
+        self.drop = nn.Dropout(0.1)
+
+    def forward(self, x):
+        y = self.norm(self.dw(x).permute(0, 2, 3, 1))
+        y = self.fc2(nn.functional.gelu(self.fc1(y))).permute(0, 3, 1, 2)
+        return x + self.drop(self.layer_scale * y)
+
+
+class ConvNeXtStyle(nn.Module):
+    def __init__(self, dim: int = 8, classes: int = 5) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(3, dim, 2, stride=2)
+        self.blocks = nn.Sequential(ConvNeXtBlock(dim), ConvNeXtBlock(dim))
+        self.head = nn.Linear(dim, classes)
+
+    def forward(self, x):
+        return self.head(self.blocks(self.stem(x)).mean(dim=(2, 3)))
+
+
 def randomize_bn(model: nn.Module, seed: int = 0) -> nn.Module:
     """Give every BatchNorm non-trivial running statistics and affine parameters."""
     g = torch.Generator().manual_seed(seed)
@@ -146,6 +176,7 @@ ZOO = {
     "grouped": (lambda: GroupedNet(), (3, 12, 12)),
     "conv1d": (lambda: Conv1dNet(), (4, 32)),
     "mlp": (lambda: MLP(), (20,)),
+    "convnext": (lambda: ConvNeXtStyle(), (3, 16, 16)),
 }
 
 

@@ -114,3 +114,29 @@ def test_batchnorm_without_running_stats_is_skipped_with_reason():
     (skip,) = [s for s in alignment.skipped if s.node == "_0"]
     assert "running statistics" in skip.reason
     assert [p.site.producer for p in alignment.pairs] == ["_4"]
+
+
+def test_per_channel_linear_steps_are_seen_through():
+    """ConvNeXt-style: fc2 (channels last) → permute → layer scale → dropout → add. The site's
+    point is the add, its channels are on axis 1 there; the depthwise conv's point is the
+    permute before the LayerNorm."""
+    model, shape = make("convnext")
+    sites, skipped = find_sites(_gm(model, shape))
+    by_module = {s.module: s for s in sites}
+    fc2 = by_module["blocks.0.fc2"]
+    assert fc2.point == "add" and fc2.residual is not None
+    assert [n.split("_")[0] for n in fc2.steps] == ["permute", "mul", "blocks"]  # ..._drop
+    assert (fc2.dims, fc2.channel_dim, fc2.channels) == (0, 1, 8)
+    dw = by_module["blocks.0.dw"]
+    assert dw.steps == ("permute",) and dw.channel_dim == 3 and dw.channels == 8
+    assert skipped == []
+
+
+def test_a_scale_with_zeros_is_not_seen_through():
+    model, shape = make("convnext")
+    with torch.no_grad():
+        model.blocks[0].layer_scale[3] = 0.0  # not invertible: the site ends at the permute
+    sites, _ = find_sites(_gm(model, shape))
+    fc2 = next(s for s in sites if s.module == "blocks.0.fc2")
+    assert fc2.steps[0].startswith("permute") and len(fc2.steps) == 1
+    assert fc2.residual is None
