@@ -21,9 +21,11 @@ Two strategies pair student sites with teacher points:
   depthwise half of a decoupled layer, is collapsed into its partner first). Node i of the
   student pairs with node i of the teacher, so every site is matched, inside blocks too.
 * **cuts** (any other student): block boundaries are the nodes every input→output path passes
-  through (networkx dominators of the output). The student's sites at boundaries and the
+  through (networkx dominators of the output). The student's boundary points and the
   teacher's pre-nonlinearity boundaries are aligned in order by signature (spatial shape,
-  channels) with dynamic programming — never by module names.
+  channels) with dynamic programming — never by module names — stage by stage: a run of
+  boundaries with one signature is a stage, and each student stage's last boundary is matched
+  with the teacher stage's output (ResNet-18 against ResNet-34).
 
 A student site may be narrower than its teacher point when a channel map (kept teacher channels)
 is known for its producer module: given by the user, recorded by fxkd's student builders, or
@@ -416,16 +418,32 @@ def _share_maps_at_points(pairs: list[SitePair]) -> list[SitePair | SkippedSite]
     return out
 
 
-def _lcs(n: int, m: int, ok) -> list[tuple[int, int]]:
-    """Longest order-preserving matching of two sequences under a compatibility predicate."""
-    best = [[0] * (m + 1) for _ in range(n + 1)]
+def _run_positions(shapes: list) -> list[tuple[float, bool]]:
+    """For each entry of a sequence of shapes: its relative position in its run of equal
+    consecutive shapes (0 first .. 1 last) and whether it ends the run (a stage output)."""
+    out = []
+    start = 0
+    for i in range(len(shapes) + 1):
+        if i == len(shapes) or shapes[i] != shapes[start]:
+            n = i - start
+            out += [((k + 1) / n, k == n - 1) for k in range(n)]
+            start = i
+    return out
+
+
+def _weighted_lcs(n: int, m: int, weight) -> list[tuple[int, int]]:
+    """Order-preserving matching of two sequences maximising the summed ``weight(i, j)``
+    (None: incompatible)."""
+    best = [[0.0] * (m + 1) for _ in range(n + 1)]
     for i in range(n - 1, -1, -1):
         for j in range(m - 1, -1, -1):
-            take = best[i + 1][j + 1] + 1 if ok(i, j) else 0
+            w = weight(i, j)
+            take = best[i + 1][j + 1] + w if w is not None else float("-inf")
             best[i][j] = max(take, best[i + 1][j], best[i][j + 1])
     pairs, i, j = [], 0, 0
     while i < n and j < m:
-        if ok(i, j) and best[i][j] == best[i + 1][j + 1] + 1:
+        w = weight(i, j)
+        if w is not None and best[i][j] == best[i + 1][j + 1] + w:
             pairs.append((i, j))
             i, j = i + 1, j + 1
         elif best[i + 1][j] >= best[i][j + 1]:
@@ -433,6 +451,53 @@ def _lcs(n: int, m: int, ok) -> list[tuple[int, int]]:
         else:
             j += 1
     return pairs
+
+
+STAGE_OUTPUT_WEIGHT = 1000.0
+"""Matching a student stage's last boundary with the teacher stage's output outweighs any
+number of inner matches: each stage's output is always corrected to the teacher's."""
+
+
+def _align_points(
+    points: list[str],
+    by_point: dict[str, list[Site]],
+    t_points: list[fx.Node],
+    channel_maps: Mapping[str, Sequence[int]],
+    map_source: str,
+) -> list[SitePair | SkippedSite]:
+    """Stage-anchored matching of the student's boundary points with the teacher's.
+
+    A stage is a run of consecutive boundaries with the same shape (a resolution and width).
+    Every student point pairs with one teacher point (all its sites with the same one), in
+    order; a student stage's last boundary pairs with the teacher stage's last (its output);
+    the boundaries inside a stage spread over the teacher's in proportion (a 2-block stage of
+    ResNet-18 against ResNet-34's 3 blocks: block 1 ↔ block 1 or 2, block 2 ↔ block 3)."""
+    trial = {
+        (i, j): [_pair(s, t, channel_maps, map_source) for s in by_point[p]]
+        for i, p in enumerate(points)
+        for j, t in enumerate(t_points)
+    }
+    s_runs = _run_positions([by_point[p][0].shape[1:] for p in points])
+    t_runs = _run_positions([node_shape(t)[1:] if node_shape(t) else None for t in t_points])
+
+    def weight(i: int, j: int) -> float | None:
+        if not all(isinstance(r, SitePair) for r in trial[i, j]):
+            return None
+        (si, s_end), (tj, t_end) = s_runs[i], t_runs[j]
+        bonus = STAGE_OUTPUT_WEIGHT if (s_end and t_end) else 0.0
+        return 1.0 + bonus - 0.1 * abs(si - tj)
+
+    matches = dict(_weighted_lcs(len(points), len(t_points), weight))
+    results: list[SitePair | SkippedSite] = []
+    for i, p in enumerate(points):
+        if i in matches:
+            results += trial[i, matches[i]]
+        else:
+            results += [
+                SkippedSite(s.producer, "no teacher block boundary with a matching signature")
+                for s in by_point[p]
+            ]
+    return results
 
 
 def align(
@@ -489,20 +554,10 @@ def align(
             for s in sites
             if s.point not in s_cuts
         ]
-        trial = {
-            (i, j): _pair(s, t, channel_maps, map_source)
-            for i, s in enumerate(boundary)
-            for j, t in enumerate(t_points)
-        }
-        matches = dict(
-            _lcs(len(boundary), len(t_points), lambda i, j: isinstance(trial[i, j], SitePair))
-        )
-        results = [
-            trial[i, matches[i]]
-            if i in matches
-            else SkippedSite(s.producer, "no teacher block boundary with a matching signature")
-            for i, s in enumerate(boundary)
-        ]
+        by_point: dict[str, list[Site]] = {}
+        for site in boundary:
+            by_point.setdefault(site.point, []).append(site)
+        results = _align_points(list(by_point), by_point, t_points, channel_maps, map_source)
     pairs = [r for r in results if isinstance(r, SitePair)]
     skipped += [r for r in results if isinstance(r, SkippedSite)]
     shared = _share_maps_at_points(pairs)

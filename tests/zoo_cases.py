@@ -1,0 +1,94 @@
+"""torchvision model-zoo cases for fxkd: (architecture, student kind) → teacher, student,
+samples. Random init (seeded), BatchNorms given non-trivial statistics, eval mode, small
+inputs. Shared by tests/test_zoo.py and examples/zoo_support.py (the README's support table)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torchvision.models as tvm
+from torch import nn
+
+from fxkd.students import decouple, prune
+
+ARCHS = [
+    "resnet18",
+    "resnet50",
+    "vgg11_bn",
+    "mobilenet_v2",
+    "mobilenet_v3_small",
+    "densenet121",
+    "efficientnet_b0",
+    "regnet_x_400mf",
+    "shufflenet_v2_x0_5",
+    "convnext_tiny",
+    "vit",
+]
+KINDS = ["l1", "bn", "decouple"]
+NO_BATCHNORM = {"vit"}  # network slimming needs BatchNorm scales
+DEPTH = ("resnet34", "resnet18")  # a hand-designed shallower student
+
+
+def _randomize_bn(model: nn.Module, seed: int) -> nn.Module:
+    g = torch.Generator().manual_seed(seed)
+    for m in model.modules():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.running_mean is not None:
+            c = m.num_features
+            m.running_mean.copy_(torch.randn(c, generator=g) * 0.1)
+            m.running_var.copy_(torch.rand(c, generator=g) + 0.5)
+            m.weight.data.copy_(torch.rand(c, generator=g) + 0.5)
+            m.bias.data.copy_(torch.randn(c, generator=g) * 0.1)
+    return model.eval()
+
+
+def build(arch: str, seed: int = 0) -> tuple[nn.Module, tuple[int, ...]]:
+    """A randomly initialised torchvision model (10 classes) and its input shape."""
+    torch.manual_seed(seed)
+    if arch == "vit":
+        model = tvm.VisionTransformer(
+            image_size=32,
+            patch_size=8,
+            num_layers=2,
+            num_heads=2,
+            hidden_dim=32,
+            mlp_dim=64,
+            num_classes=10,
+        )
+        nn.init.normal_(model.heads.head.weight, std=0.1)  # torchvision zero-initialises it
+        return model.eval(), (3, 32, 32)
+    model = getattr(tvm, arch)(num_classes=10)
+    if arch == "convnext_tiny":  # torchvision initialises layer scale at 1e-6: blocks ≈ identity
+        for name, p in model.named_parameters():
+            if name.endswith("layer_scale"):
+                p.data.uniform_(0.1, 1.0)
+    return _randomize_bn(model, seed), (3, 64, 64)
+
+
+@dataclass
+class Case:
+    name: str
+    teacher: nn.Module
+    student: nn.Module
+    samples: torch.Tensor
+
+
+def make_case(arch: str, kind: str, samples: int = 32, seed: int = 0) -> Case:
+    """``kind``: "l1" / "bn" (fxkd.students.prune at 50%), "decouple" (rank 1), or "depth"
+    (arch is the teacher, DEPTH's student)."""
+    if kind == "depth":
+        teacher, shape = build(arch, seed)
+        student, _ = build(DEPTH[1], seed + 1)
+    else:
+        teacher, shape = build(arch, seed)
+        if kind == "decouple":
+            student = decouple(teacher)
+        else:
+            example = torch.randn(2, *shape)
+            # a ViT's hidden width is hard-coded in its reshapes: prune the MLPs only
+            ignored = [teacher.conv_proj, teacher.heads.head] if arch == "vit" else None
+            student = prune(
+                teacher, 0.5, importance=kind, example_inputs=example, ignored_layers=ignored
+            )
+    x = torch.randn(samples, *shape, generator=torch.Generator().manual_seed(seed))
+    return Case(f"{arch}/{kind}", teacher, student, x)
