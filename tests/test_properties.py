@@ -7,7 +7,6 @@ import copy
 
 import torch
 from hypothesis import given
-from random_nets import RandomNet, input_shape, net_specs
 
 import fxkd
 from fxkd.align import align
@@ -15,6 +14,7 @@ from fxkd.passes import FoldAdapters, InsertAdapters, KernelAdapter, PointwiseAd
 from fxkd.trace import trace
 
 from models import plant
+from random_nets import RandomNet, input_shape, net_specs
 
 MODES = ("pointwise", "kernel")
 

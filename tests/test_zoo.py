@@ -1,0 +1,101 @@
+"""Model-zoo coverage: torchvision architectures × student kinds, random init, 64×64 inputs.
+
+For each case: at least one aligned pair per stage (spatial resolution) of the teacher, the
+report lists every adapter and every skipped producer, every adapter is folded, no adapter
+module is left and the parameter shapes equal the student's as given, no point's error grows
+in its solve, and the ONNX export passes onnxruntime validation with the student's size. One
+case per family runs by default; the rest are marked slow (examples/zoo_support.py runs them
+all and writes the README's support table)."""
+
+import pytest
+import torch
+
+import fxkd
+from fxkd.support import check_support
+
+from zoo_cases import ARCHS, KINDS, NO_BATCHNORM, make_case
+
+DEFAULT = {
+    ("resnet18", "l1"),
+    ("vgg11_bn", "bn"),
+    ("mobilenet_v2", "decouple"),
+    ("vit", "l1"),
+    ("resnet34", "depth"),
+}
+PRUNE_REFUSED = {"shufflenet_v2_x0_5"}  # torch-pruning cannot analyse the channel shuffle
+
+CASES = [(a, k) for a in ARCHS for k in KINDS if not (a in NO_BATCHNORM and k == "bn")]
+CASES.append(("resnet34", "depth"))
+
+
+@pytest.mark.parametrize(
+    "arch,kind",
+    [
+        pytest.param(a, k, marks=() if (a, k) in DEFAULT else pytest.mark.slow)
+        for a, k in CASES
+        if not (a in PRUNE_REFUSED and k != "decouple")
+    ],
+)
+def test_zoo_case(arch, kind):
+    case = make_case(arch, kind)
+    n_params = sum(p.numel() for p in case.student.parameters())
+    row = check_support(case.teacher, case.student, case.samples, keep_result=True)
+    result = row.result
+    assert row.pairs >= 1
+    assert row.stages_aligned == row.stages, (row.stages, row.stages_aligned)
+    assert len(result.report.rows) == row.pairs + row.skipped
+    assert all(r.note for r in result.report.rows if r.adapter is None)  # every skip says why
+    assert row.folded == row.pairs, str(result.report)
+    assert row.same_shapes
+    assert sum(p.numel() for p in result.model.parameters()) == n_params
+    assert not row.worse, (row.worse, str(result.report))
+    assert row.onnx_passed and row.onnx_same_size, result.onnx
+
+
+@pytest.mark.parametrize("arch", sorted(PRUNE_REFUSED))
+def test_prune_refuses_what_torch_pruning_cannot_analyse(arch):
+    with pytest.raises(fxkd.ConfigError, match="torch-pruning could not analyse"):
+        make_case(arch, "l1")
+
+
+def test_depth_student_matches_every_stage_output():
+    """ResNet-34 teacher, ResNet-18 student: each student stage's last block is matched with
+    the teacher stage's last block (its output), and the stem and head with theirs."""
+    case = make_case("resnet34", "depth", samples=8)
+    result = fxkd.compress(
+        case.teacher, case.student, case.samples, progress=False, mode="pointwise"
+    )
+    assert result.alignment.strategy == "cuts"
+    matched = {p.site.point: p.teacher_point for p in result.alignment.pairs}
+    # student adds: 2 per stage (add, add_1 | add_2, add_3 | ...); teacher: 3, 4, 6, 3 blocks
+    assert [matched[f"add_{i}" if i else "add"] for i in (1, 3, 5, 7)] == [
+        "add_2",
+        "add_6",
+        "add_12",
+        "add_15",
+    ]
+    assert matched["fc"] == "fc" and matched["bn1"] == "bn1"
+    order = [int(t.split("_")[1]) if "_" in t else 0 for t in matched.values() if "add" in t]
+    assert order == sorted(order)
+
+
+def test_shared_point_sites_share_one_teacher_point():
+    case = make_case("resnet34", "depth", samples=8)
+    result = fxkd.compress(
+        case.teacher, case.student, case.samples, progress=False, mode="pointwise"
+    )
+    by_point: dict[str, set[str]] = {}
+    for p in result.alignment.pairs:
+        by_point.setdefault(p.site.point, set()).add(p.teacher_point)
+    assert all(len(t) == 1 for t in by_point.values()), by_point
+    assert any(
+        len([p for p in result.alignment.pairs if p.site.point == pt]) == 2 for pt in by_point
+    )
+
+
+def test_transformer_mlp_output_is_seen_through_dropout():
+    case = make_case("vit", "l1", samples=16)
+    result = fxkd.compress(case.teacher, case.student, case.samples, progress=False)
+    fc2 = [p.site for p in result.alignment.pairs if p.site.module.endswith("mlp.3")]
+    assert len(fc2) == 2 and all(s.residual is not None and s.steps for s in fc2)
+    assert torch.isfinite(result.model(case.samples[:2])).all()
