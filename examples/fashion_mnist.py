@@ -228,8 +228,38 @@ def write_markdown(path: Path, summary: dict, meta: dict) -> None:
                 lines.append(
                     f"| {method} | {'yes' if method in LABELS else 'no'} | {acc} | {ratio:.2f}× |"
                 )
+            full = stored_full_finetune().get(f"{teacher}/{student}")
+            if full:
+                lines.append(
+                    f"| full fine-tune (stored: 55,000 labels, {full['epochs']} epochs, "
+                    f"{full['seconds']} s) | yes | "
+                    + " | ".join(f"{full['acc']:.2%}" for _ in ns)
+                    + " | – |"
+                )
+                gaps = []
+                for n in ns:
+                    none = summary.get((teacher, student, n, "none"))
+                    best = max(
+                        (summary.get((teacher, student, n, m)) for m in ("fxkd-pw", "fxkd-kernel")),
+                        key=lambda c: c["mean"] if c else -1,
+                    )
+                    if none and best and full["acc"] > none["mean"]:
+                        frac = (best["mean"] - none["mean"]) / (full["acc"] - none["mean"])
+                        gaps.append(f"N={n}: {frac:.0%}")
+                if gaps:
+                    lines += [
+                        "",
+                        "Share of the gap from *none* to *full fine-tune* that fxkd's best mode "
+                        "closes: " + ", ".join(gaps) + ".",
+                    ]
             lines.append("")
     path.write_text("\n".join(lines) + "\n")
+
+
+def stored_full_finetune() -> dict:
+    """The stored full fine-tune ceilings (examples/full_finetune.py), keyed teacher/student."""
+    path = RESULTS / "full_finetune.json"
+    return json.loads(path.read_text()) if path.exists() else {}
 
 
 def plot(path: Path, summary: dict, meta: dict) -> None:
