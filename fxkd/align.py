@@ -29,7 +29,8 @@ Two strategies pair student sites with teacher points:
 
 A student site may be narrower than its teacher point when a channel map (kept teacher channels)
 is known for its producer module: given by the user, recorded by fxkd's student builders, or
-inferred from its BatchNorm (kept channels keep their statistics); without one it is skipped,
+inferred from its BatchNorm (kept channels keep their statistics) or, without one, from its
+weights (a kept filter is the teacher's restricted to the kept inputs); without one it is skipped,
 with the reason recorded. Each pair says where its map came from.
 """
 
@@ -65,6 +66,7 @@ __all__ = [
     "block_cuts",
     "find_sites",
     "infer_channel_map",
+    "infer_channel_map_from_weights",
     "is_mirror",
     "mirror_map",
 ]
@@ -395,6 +397,67 @@ def infer_channel_map(
     return kept if len(set(kept)) == len(kept) else None
 
 
+def _upstream_map(
+    student: fx.GraphModule, node: fx.Node, known: Mapping[str, Sequence[int] | None]
+) -> tuple[bool, Sequence[int] | None]:
+    """The kept input channels of a producer whose input is ``node``: walk back through
+    single-input (channel-preserving) nodes and adds to the producer that made them. Returns
+    (found, map); map None means all channels (the model input, or an unpruned producer)."""
+    while True:
+        if node.op == "placeholder":
+            return True, None
+        module = affine_module(student, node)
+        if module is not None:
+            return str(node.target) in known, known.get(str(node.target))
+        operands = add_operands(node)
+        inputs = [a for a in node.all_input_nodes if a.op != "get_attr"]
+        if operands is not None:
+            node = operands[0]
+        elif len(inputs) == 1:
+            node = inputs[0]
+        else:
+            return False, None
+
+
+def infer_channel_map_from_weights(
+    teacher: fx.GraphModule,
+    student: fx.GraphModule,
+    site: Site,
+    teacher_producer: fx.Node,
+    known: Mapping[str, Sequence[int] | None],
+) -> tuple[int, ...] | None:
+    """Kept teacher channels of a narrower BatchNorm-free site pruned elsewhere, from its
+    weights: filter pruning keeps each kept filter as the teacher's filter restricted to the
+    kept input channels (those of the producer upstream, already known), so each student
+    filter equals exactly one restricted teacher filter. Dense producers and depthwise ones;
+    None when widths are equal, the upstream channels are unknown, or a match is not unique."""
+    s_node = next(n for n in student.graph.nodes if n.name == site.producer)
+    s_mod = student.get_submodule(str(s_node.target))
+    t_mod = affine_module(teacher, teacher_producer)
+    if t_mod is None or type(t_mod) is not type(s_mod):
+        return None
+    ws, wt = s_mod.weight.detach().double().cpu(), t_mod.weight.detach().double().cpu()
+    if wt.shape[0] <= ws.shape[0] or ws.shape[2:] != wt.shape[2:]:
+        return None
+    groups = getattr(s_mod, "groups", 1)
+    depthwise = groups > 1 and ws.shape[1] == 1 and getattr(t_mod, "groups", 1) == wt.shape[0]
+    if groups > 1 and not depthwise:
+        return None
+    if not depthwise and ws.shape[1] != wt.shape[1]:
+        found, in_map = _upstream_map(student, s_node.args[0], known)
+        if not found or in_map is None or len(in_map) != ws.shape[1]:
+            return None
+        wt = wt[:, list(in_map)]
+    if ws.shape[1:] != wt.shape[1:]:
+        return None
+    s_rows, t_rows = ws.flatten(1), wt.flatten(1)
+    close = torch.cdist(s_rows, t_rows) <= 1e-6 * (1 + t_rows.abs().amax())
+    if not (close.sum(dim=1) == 1).all():
+        return None
+    kept = tuple(int(j) for j in close.float().argmax(dim=1))
+    return kept if len(set(kept)) == len(kept) else None
+
+
 def _share_maps_at_points(pairs: list[SitePair]) -> list[SitePair | SkippedSite]:
     """Sites that meet at one add share its channels: give a map known for one to all."""
     by_point: dict[str, set] = {}
@@ -537,14 +600,28 @@ def align(
             ]
             sites = kept
         results = []
+        known: dict[str, Sequence[int] | None] = dict(channel_maps)
         for s in sites:
             t_node = t_nodes[mirror[s.point]]
-            if s.module not in channel_maps and s.batchnorm is not None:
-                inferred = infer_channel_map(teacher, student, s, t_nodes[mirror[s.batchnorm]])
+            if s.module not in channel_maps:
+                inferred, how = None, ""
+                if s.batchnorm is not None:
+                    bn = t_nodes[mirror[s.batchnorm]]
+                    inferred, how = infer_channel_map(teacher, student, s, bn), "inferred"
+                if inferred is None:
+                    t_producer = t_nodes[mirror[s.producer]]
+                    inferred = infer_channel_map_from_weights(
+                        teacher, student, s, t_producer, known
+                    )
+                    how = "inferred-weights"
                 if inferred is not None:
-                    results.append(_pair(s, t_node, {s.module: inferred}, "inferred"))
+                    known[s.module] = inferred
+                    results.append(_pair(s, t_node, {s.module: inferred}, how))
                     continue
-            results.append(_pair(s, t_node, channel_maps, map_source))
+            result = _pair(s, t_node, channel_maps, map_source)
+            if isinstance(result, SitePair) and result.channel_map is None:
+                known[s.module] = None  # full width: its consumers see every channel
+            results.append(result)
     else:
         strategy = "cuts"
         t_points = [n for n in block_cuts(teacher) if _reaches_activation_or_output(teacher, n)]

@@ -51,8 +51,13 @@ def test_mirror_alignment_uses_channel_maps():
 def test_missing_channel_map_skips_with_reason():
     teacher, shape = make("resnet")
     student, _ = prune_internal_resnet(teacher)
-    for block in student.blocks:  # statistics no longer match the teacher's: nothing to infer
+    for block in student.blocks:  # statistics no longer match the teacher's
         block.bn1.running_mean.add_(0.01)
+    alignment = align(_gm(teacher, shape), _gm(student, shape))
+    inferred = [p for p in alignment.pairs if p.map_source == "inferred-weights"]
+    assert len(inferred) == 6  # the filters still do: maps come from the weights
+    for block in student.blocks:  # now neither matches: nothing to infer
+        block.conv1.weight.data.mul_(1.01)
     alignment = align(_gm(teacher, shape), _gm(student, shape))
     reasons = [s.reason for s in alignment.skipped]
     assert len(reasons) == 6 and all("no channel map" in r for r in reasons)
@@ -140,3 +145,52 @@ def test_a_scale_with_zeros_is_not_seen_through():
     fc2 = next(s for s in sites if s.module == "blocks.0.fc2")
     assert fc2.steps[0].startswith("permute") and len(fc2.steps) == 1
     assert fc2.residual is None
+
+
+def _plain_net():
+    torch.manual_seed(0)
+    return torch.nn.Sequential(
+        torch.nn.Conv2d(3, 8, 3, padding=1),
+        torch.nn.ReLU(),
+        torch.nn.Conv2d(8, 12, 3, padding=1),
+        torch.nn.ReLU(),
+        torch.nn.MaxPool2d(2),
+        torch.nn.Conv2d(12, 16, 3, padding=1),
+        torch.nn.ReLU(),
+        torch.nn.Flatten(),
+        torch.nn.Linear(16 * 4 * 4, 5),
+    ).eval()
+
+
+def _prune_plain(teacher, kept: dict[int, list[int]]):
+    """Filter-prune the convs at the given indices of a BatchNorm-free Sequential (their next
+    conv loses the same inputs): a student "pruned elsewhere", no map recorded."""
+    import copy
+
+    student = copy.deepcopy(teacher)
+    convs = [i for i, m in enumerate(student) if isinstance(m, torch.nn.Conv2d)]
+    prev = None
+    for i in convs:
+        conv = student[i]
+        w, b = conv.weight.data, conv.bias.data
+        if prev is not None:
+            w = w[:, prev]
+        rows = kept.get(i, list(range(w.shape[0])))
+        new = torch.nn.Conv2d(w.shape[1], len(rows), 3, padding=1)
+        new.weight.data, new.bias.data = w[rows].clone(), b[rows].clone()
+        student[i] = new
+        prev = rows
+    return student
+
+
+def test_channel_maps_are_inferred_from_weights_without_batchnorm():
+    teacher = _plain_net()
+    kept = {0: [0, 2, 3, 7], 2: [1, 4, 5, 6, 9, 11]}
+    student = _prune_plain(teacher, kept)
+    x = torch.randn(2, 3, 8, 8)
+    alignment = align(_gm(teacher, (3, 8, 8)), trace(student, x))
+    maps = {p.site.module: (p.channel_map, p.map_source) for p in alignment.pairs}
+    assert maps["0"] == (tuple(kept[0]), "inferred-weights")
+    assert maps["2"] == (tuple(kept[2]), "inferred-weights")  # through the pruned inputs
+    assert maps["5"] == (None, None) and maps["8"] == (None, None)
+    assert not alignment.skipped
