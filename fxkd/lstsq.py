@@ -94,32 +94,46 @@ class NormalEquations:
         self.gram = torch.zeros(partitions, width, width, dtype=torch.float64, device=device)
         self.cross = torch.zeros(partitions, width, targets, dtype=torch.float64, device=device)
         self.rows = 0
+        self._shift: tuple[torch.Tensor, torch.Tensor] | None = None
 
     def update(self, x: torch.Tensor, y: torch.Tensor) -> None:
-        """Add rows: ``x`` (P, rows, D), ``y`` (P, rows, K), any float dtype.
+        """Add rows given row-major: ``x`` (P, rows, D), ``y`` (P, rows, K)."""
+        self.update_blocks(x.transpose(-1, -2)[None], y.transpose(-1, -2)[None])
 
-        The fp32 products are taken on chunk-centred data (``x = x_c + 1μᵀ``, ``y = y_c + 1νᵀ``)
-        and the mean terms added back in fp64, exactly::
+    def update_blocks(self, x: torch.Tensor, y: torch.Tensor) -> None:
+        """Add rows given feature-major, as layers hold them: ``x`` (B, P, D, L) and ``y``
+        (B, P, K, L), rows = B·L (e.g. a conv output (N, C, H, W) viewed as (N, G, C/G, H·W):
+        no copy). Any float dtype.
 
-            xᵀx = x_cᵀx_c + s_x μᵀ + μ s_xᵀ + n μμᵀ        (s_x = 1ᵀx_c, ≈ 0)
+        The fp32 products are taken on shifted data (``x = x_c + 1μᵀ``, ``y = y_c + 1νᵀ``, with
+        the shift μ, ν the first chunk's mean, kept for every later chunk) and the shift terms
+        added back in fp64, exactly::
+
+            xᵀx = x_cᵀx_c + s_x μᵀ + μ s_xᵀ + n μμᵀ        (s_x = 1ᵀx_c, small)
             xᵀy = x_cᵀy_c + s_x νᵀ + μ s_yᵀ + n μνᵀ
 
         so rounding scales with the features' spread, not their mean (BatchNorm/ReLU features
-        have large means), and the sums barely depend on how rows are chunked or sharded."""
+        have large means), and the sums barely depend on how rows are chunked or sharded. The
+        shift is written straight into a (P, D, rows) buffer, so shifting is also the one copy
+        that puts the rows in GEMM layout."""
         dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
-        x, y = x.to(dtype), y.to(dtype)
-        n = x.shape[-2]
-        mu = x.mean(dim=-2, keepdim=True)  # fp32-rounded centres: exact algebra below
-        nu = y.mean(dim=-2, keepdim=True)
-        xc, yc = x - mu, y - nu
-        xct = xc.transpose(-1, -2)
-        mu64, nu64 = mu.double(), nu.double()
-        sx = xc.sum(dim=-2, keepdim=True, dtype=torch.float64)
-        sy = yc.sum(dim=-2, keepdim=True, dtype=torch.float64)
+        b, _, d, length = x.shape
+        n = b * length
+        if self._shift is None:  # fp32-rounded shifts: the algebra below is exact for any
+            self._shift = (
+                x.to(dtype).mean(dim=(0, 3)).to(torch.float64),
+                y.to(dtype).mean(dim=(0, 3)).to(torch.float64),
+            )
+        mu64, nu64 = (t.to(x.device)[:, None, :] for t in self._shift)  # (P, 1, D), (P, 1, K)
+        xc = _shifted(x, mu64, dtype)  # (P, D, rows)
+        yc = _shifted(y, nu64, dtype)  # (P, K, rows)
+        sx = xc.sum(dim=-1, dtype=torch.float64)[:, None, :]  # (P, 1, D)
+        sy = yc.sum(dim=-1, dtype=torch.float64)[:, None, :]
         mut = mu64.transpose(-1, -2)
-        gxx = (xct @ xc).double() + sx.transpose(-1, -2) @ mu64 + mut @ sx + n * (mut @ mu64)
-        gxy = (xct @ yc).double() + sx.transpose(-1, -2) @ nu64 + mut @ sy + n * (mut @ nu64)
-        d = self.features
+        gxx = (xc @ xc.transpose(-1, -2)).double() + sx.transpose(-1, -2) @ mu64 + mut @ sx
+        gxy = (xc @ yc.transpose(-1, -2)).double() + sx.transpose(-1, -2) @ nu64 + mut @ sy
+        gxx += n * (mut @ mu64)
+        gxy += n * (mut @ nu64)
         self.gram[:, :d, :d] += gxx
         self.cross[:, :d] += gxy
         if self.bias:
@@ -185,6 +199,16 @@ class NormalEquations:
             )
             w[bad] = _pinv_solve(a[bad], rhs[bad])
         return w
+
+
+def _shifted(v: torch.Tensor, shift64: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``v`` (B, P, F, L) minus ``shift`` (P, 1, F), as a contiguous (P, F, B·L) tensor: one
+    pass that shifts and lays the rows out for the GEMM."""
+    b, p, f, length = v.shape
+    out = torch.empty(p, f, b, length, dtype=dtype, device=v.device)
+    shift = shift64.to(dtype).transpose(-1, -2)[None]  # (1, P, F, 1)
+    torch.sub(v.to(dtype), shift, out=out.permute(2, 0, 1, 3))
+    return out.view(p, f, b * length)
 
 
 def _cholesky_pivots(corr: torch.Tensor) -> torch.Tensor:

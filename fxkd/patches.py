@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["patches", "rows"]
+__all__ = ["blocks", "patch_blocks", "patches", "rows"]
 
 
 def rows(value: torch.Tensor, dims: int) -> torch.Tensor:
@@ -21,6 +21,35 @@ def rows(value: torch.Tensor, dims: int) -> torch.Tensor:
     if dims == 0:
         return value.reshape(-1, value.shape[-1])
     return value.movedim(1, -1).reshape(-1, value.shape[1])
+
+
+def blocks(value: torch.Tensor, dims: int, groups: int) -> torch.Tensor:
+    """A layer's output feature-major as (B, groups, channels/groups, L), rows = B·L: a view of
+    a conv's (N, C, *S) output, or of a Linear's (..., C) output transposed (B = 1)."""
+    if dims == 0:
+        flat = value.reshape(-1, value.shape[-1])
+        return flat.transpose(0, 1).reshape(groups, -1, flat.shape[0])[None]
+    return value.reshape(value.shape[0], groups, value.shape[1] // groups, -1)
+
+
+def patch_blocks(x: torch.Tensor, module: nn.Module) -> torch.Tensor:
+    """The producer's input patches feature-major: (B, groups, features-per-group, L), the
+    layout ``NormalEquations.update_blocks`` takes (F.unfold's for 2-D convs, no extra copy)."""
+    if isinstance(module, nn.Linear):
+        return blocks(x, 0, 1)
+    pads = _padding(module)
+    if x.dim() == 4 and all(lo == hi for lo, hi in pads):
+        cols = F.unfold(
+            x,
+            module.kernel_size,
+            dilation=module.dilation,
+            padding=tuple(lo for lo, _ in pads),
+            stride=module.stride,
+        )  # (N, C·kh·kw, L), features ordered like weight[o].flatten() within each group
+        return cols.view(x.shape[0], module.groups, -1, cols.shape[-1])
+    p = patches(x, module)  # (N·L, G, D) → (N, G, D, L)
+    n = x.shape[0]
+    return p.reshape(n, -1, p.shape[1], p.shape[2]).permute(0, 2, 3, 1)
 
 
 def _padding(module: nn.Module) -> list[tuple[int, int]]:

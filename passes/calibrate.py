@@ -34,7 +34,7 @@ from fxkd.errors import CalibrationError
 from fxkd.fold import compose_pointwise, effective_affine
 from fxkd.lstsq import Conditioning, NormalEquations
 from fxkd.nodes import redo_steps, undo_steps
-from fxkd.patches import patches, rows
+from fxkd.patches import blocks, patch_blocks
 from fxkd.placement import module_device, module_dtype, to_module
 from fxkd.trace import eval_mode, trace
 
@@ -98,11 +98,10 @@ class _Member:
         return self.producer.bias is not None or self.batchnorm is not None
 
     def features(self, runner: GraphRunner, i: int) -> torch.Tensor:
-        """(rows, groups, D) features of chunk i."""
+        """(B, groups, D, L) features of chunk i, feature-major (rows = B·L)."""
         if not self.pointwise:
-            return patches(runner.value(self.node.args[1])[i], self.producer)
-        x = rows(runner.value(self.node.args[0])[i], self.module.dims)
-        return x.reshape(x.shape[0], self.groups, -1)
+            return patch_blocks(runner.value(self.node.args[1])[i], self.producer)
+        return blocks(runner.value(self.node.args[0])[i], self.module.dims, self.groups)
 
     def prior(self) -> torch.Tensor:
         """(groups, D[+1], K): the student as it is, what the ridge shrinks towards."""
@@ -319,13 +318,13 @@ class CalibrateAdapters(FxkdPass):
         channels = members[0].module.pair.site.channels
         eqs = NormalEquations(g, sum(sizes), channels // g, bias=bias, device=targets[0].device)
         for i, y in enumerate(targets):
-            feats = torch.cat([m.features(student, i) for m in members], dim=-1)
+            feats = [m.features(student, i) for m in members]
+            feats = feats[0] if len(feats) == 1 else torch.cat(feats, dim=2)
             if residual_node is not None:
                 y = y - student.value(residual_node)[i]
             for o in extra:  # other members held fixed at their current output
                 y = y - o.module(*[student.value(a)[i] for a in o.node.args])
-            y = rows(undo_steps(student.gm, steps, y), dims)
-            eqs.update(feats.transpose(0, 1), y.reshape(y.shape[0], g, -1).transpose(0, 1))
+            eqs.update_blocks(feats, blocks(undo_steps(student.gm, steps, y), dims, g))
         eqs.all_reduce()
         if not torch.isfinite(eqs.gram).all():
             raise CalibrationError(

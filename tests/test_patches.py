@@ -2,7 +2,7 @@ import pytest
 import torch
 from torch import nn
 
-from fxkd.patches import patches, rows
+from fxkd.patches import blocks, patch_blocks, patches, rows
 
 CASES = [
     ("conv1d-k5-s2", lambda: nn.Conv1d(6, 4, 5, stride=2, padding=1), (2, 6, 17)),
@@ -32,3 +32,18 @@ def test_patches_times_kernel_is_the_layer(name, factory, shape):
     w = layer.weight.reshape(g, layer.weight.shape[0] // g, -1)  # (G, K, D)
     out = torch.einsum("rgd,gkd->rgk", p, w).reshape(p.shape[0], -1) + layer.bias
     torch.testing.assert_close(out, rows(expected, dims), rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize(("name", "factory", "shape"), CASES, ids=[c[0] for c in CASES])
+def test_patch_blocks_times_kernel_is_the_layer_in_blocks(name, factory, shape):
+    """The feature-major layout the solver takes: (B, G, D, L) patches, (B, G, K, L) outputs."""
+    torch.manual_seed(0)
+    layer = factory().double()
+    x = torch.randn(*shape, dtype=torch.float64)
+    dims = 0 if isinstance(layer, nn.Linear) else x.dim() - 2
+    groups = getattr(layer, "groups", 1)
+    p = patch_blocks(x, layer)
+    w = layer.weight.reshape(groups, layer.weight.shape[0] // groups, -1)  # (G, K, D)
+    out = torch.einsum("bgdl,gkd->bgkl", p, w)
+    expected = blocks(layer(x) - layer.bias.reshape(-1, *[1] * dims), dims, groups)
+    torch.testing.assert_close(out, expected, rtol=1e-12, atol=1e-12)
