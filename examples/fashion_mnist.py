@@ -408,7 +408,19 @@ def main(argv: list[str] | None = None) -> int:
         help="write the tables and plots from the per-run lines of an earlier run's "
         "log (e.g. one stopped before it finished) instead of running",
     )
+    p.add_argument(
+        "--from-json",
+        default=None,
+        help="rewrite the markdown tables of an earlier run from its .json (e.g. after "
+        "examples/full_finetune.py stored new ceilings) instead of running",
+    )
     args = p.parse_args(argv)
+    if args.from_json:
+        path = Path(args.from_json)
+        stored = json.loads(path.read_text())
+        write_markdown(path.with_suffix(".md"), summarize(stored["rows"]), stored["meta"])
+        print(path.with_suffix(".md").read_text())
+        return 0
     if args.quick:
         args.teachers, args.samples, args.seeds = ["vgg"], [100], [0]
         args.students = args.students or ["l1-75"]
