@@ -48,7 +48,13 @@ def _importance(group, kind: str) -> torch.Tensor:
             tp.prune_batchnorm_out_channels,
         ):
             continue
-        idx = torch.as_tensor(idxs)
+        idx = torch.as_tensor([int(i) for i in idxs])
+        width = layer.weight.shape[0] if getattr(layer, "weight", None) is not None else 0
+        if len(idx) and int(idx.max()) >= width:
+            # torch-pruning's concat index bookkeeping (DenseNet) can point past a layer
+            # that sees only part of the concatenation: score with the other members
+            log.debug("skipping %s in importance: index %d >= %d", dep, int(idx.max()), width)
+            continue
         if isinstance(layer, nn.modules.batchnorm._BatchNorm) and layer.weight is not None:
             g = layer.weight.detach().abs()[idx]
             gamma = g if gamma is None else gamma + g
