@@ -34,7 +34,10 @@ def cell(arch: str, kind: str) -> tuple[str, str]:
         case = make_case(arch, kind)
         row = check_support(case.teacher, case.student, case.samples)
     except FxkdError as exc:
-        return "refused", f"{arch}/{kind}: {type(exc).__name__}: {str(exc).splitlines()[0]}"
+        first = str(exc).splitlines()[0]
+        return "refused", f"{arch}/{kind}: refused, {type(exc).__name__}: {first}"
+    except Exception as exc:  # a crash is a result too: the table says so
+        return "ERROR", f"{arch}/{kind}: ERROR {type(exc).__name__}: {str(exc)[:200]}"
     stages = f"{len(row.stages_aligned)}/{len(row.stages)}"
     onnx = "ok" if row.onnx_passed and row.onnx_same_size else "FAIL"
     mark = "✓" if row.ok else "✗"

@@ -129,7 +129,15 @@ def prune(
                 width = layer.weight.shape[0]
                 removed = set(int(i) for i in idxs)
                 maps[names[layer]] = [c for c in range(width) if c not in removed]
-        pruning.prune()
+        try:
+            pruning.prune()
+        except Exception as exc:  # torch-pruning's index bookkeeping fails on this group
+            raise ConfigError(
+                f"torch-pruning could not prune the channel group of "
+                f"{names.get(root.target.module, '?')} in {type(teacher).__name__} "
+                f"({type(exc).__name__}: {exc}). Hint: prune it with another tool; compress "
+                "infers the kept channels from the BatchNorms or weights, or takes channel_maps="
+            ) from exc
     setattr(student, CHANNEL_MAPS_ATTR, maps)
     return student
 
