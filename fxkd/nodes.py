@@ -158,6 +158,21 @@ def module_call_counts(gm: fx.GraphModule) -> dict[str, int]:
     return counts
 
 
+def _eval_drop(node: fx.Node) -> bool:
+    """A functional dropout / stochastic depth (torchvision's, kept as a call by torch.fx)
+    called with ``training=False``: the identity."""
+    if node.op != "call_function":
+        return False
+    name = getattr(node.target, "__name__", "")
+    if node.target is F.dropout:
+        training = node.args[2] if len(node.args) > 2 else node.kwargs.get("training", True)
+    elif name == "stochastic_depth":
+        training = node.args[3] if len(node.args) > 3 else node.kwargs.get("training", True)
+    else:
+        return False
+    return training is False
+
+
 def _permutation(node: fx.Node) -> tuple[int, ...] | None:
     if node.op == "call_function" and node.target in _PERMUTE_FUNCTIONS:
         dims = node.args[1] if len(node.args) > 1 else node.kwargs.get("dims")
@@ -186,11 +201,14 @@ def channel_step(
 ) -> tuple[str, int] | None:
     """Whether ``node`` applies to ``x`` (channels at ``channel_dim`` of ``ndim``) a map that is
     linear per channel and invertible, and so can be seen through between a site and its point:
-    identity modules (Identity, Dropout in eval), a permutation of the axes, or a product with a
+    identity modules (Identity, Dropout in eval), functional dropout / stochastic depth with
+    ``training=False``, a permutation of the axes, or a product with a
     constant (parameter/buffer) that varies along the channel axis only (layer scale), nowhere
     zero. Returns (kind, channel dim after the step) or None."""
     if node.op == "call_module" and isinstance(_module(gm, node), _IDENTITY_MODULES):
         return ("identity", channel_dim) if node.args[0] is x else None
+    if _eval_drop(node) and node.args[0] is x:
+        return "identity", channel_dim
     perm = _permutation(node)
     if perm is not None and node.args[0] is x and sorted(perm) == list(range(ndim)):
         return "permute", [p % ndim for p in perm].index(channel_dim % ndim)

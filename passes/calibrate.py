@@ -236,9 +236,10 @@ class CalibrateAdapters(FxkdPass):
             for t in teacher.run_through(target_node)
         ]
         member_nodes = {m.node for m in members}
-        residual = [a for a in point.all_input_nodes if a not in member_nodes]
-        residual_node = residual[0] if point not in member_nodes and residual else None
         steps = [student.by_name[n] for n in pair.site.steps]
+        own = member_nodes | set(steps)  # the point's operands that the adapters produce
+        residual = [a for a in point.all_input_nodes if a not in own]
+        residual_node = residual[0] if point not in own and residual else None
         err_before = self._identity_error(student, members, residual_node, targets, steps)
         sample_rows = _global_rows(targets, channel_dim)
         for m in members:

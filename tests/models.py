@@ -143,7 +143,7 @@ class ConvNeXtBlock(nn.Module):
     def forward(self, x):
         y = self.norm(self.dw(x).permute(0, 2, 3, 1))
         y = self.fc2(nn.functional.gelu(self.fc1(y))).permute(0, 3, 1, 2)
-        return x + self.drop(self.layer_scale * y)
+        return self.drop(self.layer_scale * y) + x  # torchvision's order: block, then input
 
 
 class ConvNeXtStyle(nn.Module):
