@@ -51,6 +51,31 @@ def cell(arch: str, kind: str) -> tuple[str, str]:
     return text, detail
 
 
+def _merged(old: str, lines: list[str], details: list[str], archs: list[str]):
+    """The old table and details with the rows of ``archs`` replaced by the new ones."""
+    new_rows = {ln.split("|")[1].strip(): ln for ln in lines[2:] if ln.startswith("| ")}
+    new_depth = [ln for ln in lines if ln.startswith("\nDepth:")]
+    table, rest = old.split("\n\nEach cell:", 1)
+    out = []
+    for ln in table.splitlines():
+        name = ln.split("|")[1].strip() if ln.startswith("| ") else None
+        if name in new_rows:
+            out.append(new_rows.pop(name))
+        elif ln.startswith("Depth:") and new_depth:
+            out.append(new_depth.pop().lstrip("\n"))
+        elif ln.startswith("| ") or ln.startswith("Depth:"):
+            out.append(ln)
+    out += list(new_rows.values())
+    first = [ln for ln in out if not ln.startswith("Depth:")]
+    depth = [ln for ln in out if ln.startswith("Depth:")]
+    old_details = [ln[2:] for ln in rest.split("## Details", 1)[1].splitlines() if ln[:2] == "- "]
+    kept = [d for d in old_details if d.split("/")[0] not in archs]
+    if new_depth or any(d.startswith(f"{DEPTH[0]}/") for d in details):
+        kept = [d for d in kept if not d.startswith(f"{DEPTH[0]}/")]
+    merged_details = kept + details
+    return first + (["", *depth] if depth else []), merged_details
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--archs", nargs="+", default=ARCHS)
@@ -58,6 +83,11 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=ROOT / "examples/results/zoo_support.md")
     parser.add_argument("--readme", action="store_true", help="update README.md's table too")
     parser.add_argument("--no-depth", action="store_true", help="skip the resnet34→18 case")
+    parser.add_argument(
+        "--merge",
+        action="store_true",
+        help="replace only the rows of --archs in an existing --out table (rerun a few)",
+    )
     args = parser.parse_args()
     warnings.simplefilter("ignore")
     logging.disable(logging.WARNING)
@@ -84,6 +114,8 @@ def main() -> None:
             f"\nDepth: {DEPTH[0]} teacher, hand-designed {DEPTH[1]} student (cuts alignment): "
             f"{text}."
         )
+    if args.merge and args.out.exists():  # keep the other architectures' rows and details
+        lines, details = _merged(args.out.read_text(), lines, details, args.archs)
     table = "\n".join(lines)
     command = "python examples/zoo_support.py" + (" --readme" if args.readme else "")
     body = (
