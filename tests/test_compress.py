@@ -231,3 +231,31 @@ def test_teacher_and_student_on_different_devices():
         err = _rel(result.model(x.cuda()).cpu(), teacher(x))
         before = _rel(student(x.cuda()).cpu(), teacher(x))
     assert err < before / 5
+
+
+class _ScaledNoAdd(torch.nn.Module):
+    """Linear → permute → layer scale → ReLU: the point is the scaled value itself (no add)."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc = torch.nn.Linear(6, 8)
+        self.scale = torch.nn.Parameter(torch.rand(8, 1, 1) + 0.5)
+        self.head = torch.nn.Linear(8, 3)
+
+    def forward(self, x):  # x: (N, H, W, 6)
+        y = torch.relu(self.scale * self.fc(x).permute(0, 3, 1, 2))
+        return self.head(y.mean(dim=(2, 3)))
+
+
+@pytest.mark.parametrize("mode", ["pointwise", "kernel"])
+def test_seen_through_point_without_add_has_no_residual(mode):
+    """Regression: the scale's get_attr operand was once taken for a residual and subtracted
+    from the targets (seen on torchvision ConvNeXt before stochastic depth was seen through)."""
+    torch.manual_seed(0)
+    teacher = _ScaledNoAdd().eval()
+    student = plant(teacher)
+    result = fxkd.compress(
+        teacher, student, torch.randn(128, 4, 4, 6), mode=mode, ridge=1e-9, progress=False
+    )
+    row = next(r for r in result.report.calibrated if r.student == "mul")
+    assert row.err_after < 1e-8 < row.err_before, str(result.report)
