@@ -99,3 +99,22 @@ def test_transformer_mlp_output_is_seen_through_dropout():
     fc2 = [p.site for p in result.alignment.pairs if p.site.module.endswith("mlp.3")]
     assert len(fc2) == 2 and all(s.residual is not None and s.steps for s in fc2)
     assert torch.isfinite(result.model(case.samples[:2])).all()
+
+
+def test_densenet_concatenations_prune_and_calibrate():
+    """A small torchvision DenseNet: torch-pruning's concat indices go stale after earlier
+    groups shrink a concatenation (fxkd's scoring skips those members); the pruned student
+    still aligns, calibrates, folds and exports."""
+    import torchvision.models as tvm
+
+    from fxkd.students import prune
+
+    torch.manual_seed(0)
+    teacher = tvm.DenseNet(
+        growth_rate=8, block_config=(2, 2), num_init_features=16, bn_size=2, num_classes=5
+    ).eval()
+    x = torch.randn(32, 3, 32, 32)
+    student = prune(teacher, 0.5, example_inputs=x[:2])
+    row = check_support(teacher, student, x, keep_result=True)
+    assert row.ok, (row, str(row.result.report))
+    assert not row.result.alignment.skipped
