@@ -49,6 +49,7 @@ from fxkd.errors import AlignmentError
 from fxkd.nodes import (
     add_operands,
     affine_module,
+    attention_out_proj,
     channel_step,
     eval_batchnorm,
     is_nonlinearity,
@@ -156,14 +157,19 @@ def find_sites(gm: fx.GraphModule) -> tuple[list[Site], list[SkippedSite]]:
     sites: list[Site] = []
     skipped: list[SkippedSite] = []
     for node in gm.graph.nodes:
-        module = affine_module(gm, node)
-        if module is None:
+        module, qualname = affine_module(gm, node), str(node.target)
+        if module is None and attention_out_proj(gm, node) is not None:
+            module, qualname = attention_out_proj(gm, node), f"{node.args[0].target}.out_proj"
+            node_calls = calls[str(node.args[0].target)]
+        elif module is None:
             continue
-        if calls[str(node.target)] > 1:
+        else:
+            node_calls = calls[str(node.target)]
+        if node_calls > 1:
             skipped.append(
                 SkippedSite(
                     node.name,
-                    f"module {node.target} is called {calls[str(node.target)]} "
+                    f"module {qualname} is called {node_calls} "
                     "times; an adapter folded into it would change every call",
                 )
             )
@@ -228,7 +234,7 @@ def find_sites(gm: fx.GraphModule) -> tuple[list[Site], list[SkippedSite]]:
         sites.append(
             Site(
                 producer=node.name,
-                module=str(node.target),
+                module=qualname,
                 batchnorm=batchnorm.name if batchnorm is not None else None,
                 anchor=anchor.name,
                 point=point.name,
@@ -432,8 +438,10 @@ def infer_channel_map_from_weights(
     filter equals exactly one restricted teacher filter. Dense producers and depthwise ones;
     None when widths are equal, the upstream channels are unknown, or a match is not unique."""
     s_node = next(n for n in student.graph.nodes if n.name == site.producer)
-    s_mod = student.get_submodule(str(s_node.target))
+    s_mod = affine_module(student, s_node)
     t_mod = affine_module(teacher, teacher_producer)
+    if s_mod is None:  # an attention's out_proj: its inputs are internal
+        return None
     if t_mod is None or type(t_mod) is not type(s_mod):
         return None
     ws, wt = s_mod.weight.detach().double().cpu(), t_mod.weight.detach().double().cpu()

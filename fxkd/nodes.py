@@ -15,6 +15,7 @@ __all__ = [
     "AFFINE_TYPES",
     "add_operands",
     "affine_module",
+    "attention_out_proj",
     "channel_step",
     "eval_batchnorm",
     "is_nonlinearity",
@@ -106,6 +107,16 @@ def affine_module(gm: fx.GraphModule, node: fx.Node) -> nn.Module | None:
     if isinstance(m, AFFINE_TYPES):
         return m
     return None
+
+
+def attention_out_proj(gm: fx.GraphModule, node: fx.Node) -> nn.Linear | None:
+    """For ``node`` = ``mha(...)[0]``, the output of an nn.MultiheadAttention (a torch.fx leaf),
+    its ``out_proj``: the Linear that makes that value, so an adapter there folds into it."""
+    if node.op != "call_function" or node.target is not operator.getitem or node.args[1] != 0:
+        return None
+    source = node.args[0]
+    module = _module(gm, source) if isinstance(source, fx.Node) else None
+    return module.out_proj if isinstance(module, nn.MultiheadAttention) else None
 
 
 def spatial_dims(module: nn.Module) -> int:

@@ -389,7 +389,7 @@ def _groups(gm: fx.GraphModule) -> dict[fx.Node, list[_Member]]:
         if anchor.name == site.batchnorm:
             bn = gm.get_submodule(str(anchor.target))
             anchor = anchor.args[0]
-        producer = gm.get_submodule(str(anchor.target))
+        producer = gm.get_submodule(site.module)
         groups.setdefault(point, []).append(_Member(node, module, producer, bn))
     order = {n: i for i, n in enumerate(gm.graph.nodes)}
     return dict(sorted(groups.items(), key=lambda kv: order[kv[0]]))

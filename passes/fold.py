@@ -17,7 +17,13 @@ from torch import nn
 from torch.fx.passes.infra.pass_base import PassResult
 
 from fxkd.fold import compose_pointwise, effective_affine, fuse_batchnorm, write_effective_affine
-from fxkd.nodes import affine_module, eval_batchnorm, module_call_counts, spatial_dims
+from fxkd.nodes import (
+    affine_module,
+    attention_out_proj,
+    eval_batchnorm,
+    module_call_counts,
+    spatial_dims,
+)
 
 from .adapter import ADAPTER_TYPES, KernelAdapter
 from .base import FxkdPass
@@ -100,10 +106,13 @@ class FoldAdapters(FxkdPass):
             if producer is None or eval_batchnorm(gm, bn_node, spatial_dims(producer)) is None:
                 return f"{anchor.name} is neither a conv/linear nor an eval BatchNorm after one"
             anchor = producer_node
+        caller = anchor
+        if producer is None and attention_out_proj(gm, anchor) is not None:
+            producer, caller = attention_out_proj(gm, anchor), anchor.args[0]  # mha(...)[0]
         if producer is None:
             return f"{anchor.name} is not a conv/linear module"
-        if calls[str(anchor.target)] != 1:
-            return f"module {anchor.target} is called {calls[str(anchor.target)]} times"
+        if calls[str(caller.target)] != 1:
+            return f"module {caller.target} is called {calls[str(caller.target)]} times"
         chain = [anchor] + ([bn_node] if bn_node is not None else [])
         for n in chain:
             extra = [u.name for u in n.users if u is not node and u not in chain]

@@ -53,9 +53,11 @@ class InsertAdapters(FxkdPass):
                 )
                 continue
             anchor, producer = nodes[site.anchor], nodes[site.producer]
-            module = gm.get_submodule(str(producer.target))
+            module = gm.get_submodule(site.module)
             bias = module.bias is not None or site.batchnorm is not None
-            if self.mode == "kernel":
+            # an attention's out_proj input is internal to the (leaf) attention: pointwise only
+            inside = producer.op != "call_module"
+            if self.mode == "kernel" and not inside:
                 if getattr(module, "padding_mode", "zeros") != "zeros":
                     self.skipped.append(
                         SkippedSite(

@@ -13,7 +13,7 @@ import torch
 import fxkd
 from fxkd.support import check_support
 
-from zoo_cases import ARCHS, KINDS, NO_BATCHNORM, make_case
+from zoo_cases import ARCHS, KINDS, NO_BATCHNORM, build, make_case
 
 DEFAULT = {
     ("resnet18", "l1"),
@@ -99,6 +99,27 @@ def test_transformer_mlp_output_is_seen_through_dropout():
     fc2 = [p.site for p in result.alignment.pairs if p.site.module.endswith("mlp.3")]
     assert len(fc2) == 2 and all(s.residual is not None and s.steps for s in fc2)
     assert torch.isfinite(result.model(case.samples[:2])).all()
+
+
+@pytest.mark.parametrize("mode", ["pointwise", "kernel"])
+def test_attention_output_projection_gets_a_folded_adapter(mode):
+    """nn.MultiheadAttention is a torch.fx leaf; its ``[0]`` output is out_proj's, so the
+    adapter there folds into out_proj (pointwise in either mode: out_proj's input is internal).
+    Planted: every Linear of the ViT (out_proj included) mixed by an invertible matrix; the
+    recovery is exact on held-out inputs."""
+    from models import plant
+
+    teacher, shape = build("vit")
+    student = plant(teacher)
+    x, held_out = torch.randn(256, *shape), torch.randn(16, *shape)
+    result = fxkd.compress(teacher, student, x, mode=mode, ridge=1e-9, progress=False)
+    attn = [p.site for p in result.alignment.pairs if p.site.module.endswith("out_proj")]
+    assert len(attn) == 2 and all(s.residual is not None for s in attn)
+    assert all(r.folded for r in result.report.calibrated)
+    with torch.no_grad():
+        expected, before, after = teacher(held_out), student(held_out), result.model(held_out)
+    assert float((before - expected).norm() / expected.norm()) > 0.05
+    assert float((after - expected).norm() / expected.norm()) < 1e-4
 
 
 def test_densenet_concatenations_prune_and_calibrate():
