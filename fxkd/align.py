@@ -49,11 +49,11 @@ from fxkd.errors import AlignmentError
 from fxkd.nodes import (
     add_operands,
     affine_module,
-    attention_out_proj,
     channel_step,
     eval_batchnorm,
     is_nonlinearity,
     module_call_counts,
+    site_producer,
     spatial_dims,
 )
 from fxkd.trace import node_shape
@@ -157,14 +157,11 @@ def find_sites(gm: fx.GraphModule) -> tuple[list[Site], list[SkippedSite]]:
     sites: list[Site] = []
     skipped: list[SkippedSite] = []
     for node in gm.graph.nodes:
-        module, qualname = affine_module(gm, node), str(node.target)
-        if module is None and attention_out_proj(gm, node) is not None:
-            module, qualname = attention_out_proj(gm, node), f"{node.args[0].target}.out_proj"
-            node_calls = calls[str(node.args[0].target)]
-        elif module is None:
+        produced = site_producer(gm, node)
+        if produced is None:
             continue
-        else:
-            node_calls = calls[str(node.target)]
+        module, qualname, caller = produced
+        node_calls = calls[str(caller.target)]
         if node_calls > 1:
             skipped.append(
                 SkippedSite(
@@ -586,7 +583,7 @@ def align(
     channel_maps = dict(channel_maps or {})
     unknown = sorted(
         set(channel_maps)
-        - {str(n.target) for n in student.graph.nodes if affine_module(student, n) is not None}
+        - {p[1] for p in (site_producer(student, n) for n in student.graph.nodes) if p is not None}
     )
     if unknown:
         raise AlignmentError(

@@ -59,6 +59,16 @@ class Conditioning:
     dependent: int
     condition: float
 
+    @classmethod
+    def combine(cls, parts: list[Conditioning]) -> Conditioning:
+        """The diagnosis of several systems solved for one point, taken together."""
+        return cls(
+            sum(c.features for c in parts),
+            sum(c.dead for c in parts),
+            sum(c.dependent for c in parts),
+            max(c.condition for c in parts),
+        )
+
     @property
     def rank(self) -> int:
         return self.features - self.dead - self.dependent

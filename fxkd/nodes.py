@@ -15,12 +15,12 @@ __all__ = [
     "AFFINE_TYPES",
     "add_operands",
     "affine_module",
-    "attention_out_proj",
     "channel_step",
     "eval_batchnorm",
     "is_nonlinearity",
     "module_call_counts",
     "redo_steps",
+    "site_producer",
     "spatial_dims",
     "undo_steps",
 ]
@@ -109,14 +109,20 @@ def affine_module(gm: fx.GraphModule, node: fx.Node) -> nn.Module | None:
     return None
 
 
-def attention_out_proj(gm: fx.GraphModule, node: fx.Node) -> nn.Linear | None:
-    """For ``node`` = ``mha(...)[0]``, the output of an nn.MultiheadAttention (a torch.fx leaf),
-    its ``out_proj``: the Linear that makes that value, so an adapter there folds into it."""
-    if node.op != "call_function" or node.target is not operator.getitem or node.args[1] != 0:
-        return None
-    source = node.args[0]
-    module = _module(gm, source) if isinstance(source, fx.Node) else None
-    return module.out_proj if isinstance(module, nn.MultiheadAttention) else None
+def site_producer(gm: fx.GraphModule, node: fx.Node) -> tuple[nn.Module, str, fx.Node] | None:
+    """The affine module whose output ``node`` is, its qualified name, and the call_module node
+    whose call count decides whether an adapter can be folded into it: a Conv/Linear call, or
+    ``mha(...)[0]``, the output of an nn.MultiheadAttention (a torch.fx leaf), made by its
+    ``out_proj``. None for anything else."""
+    module = affine_module(gm, node)
+    if module is not None:
+        return module, str(node.target), node
+    if node.op == "call_function" and node.target is operator.getitem and node.args[1] == 0:
+        source = node.args[0]
+        mha = _module(gm, source) if isinstance(source, fx.Node) else None
+        if isinstance(mha, nn.MultiheadAttention):
+            return mha.out_proj, f"{source.target}.out_proj", source
+    return None
 
 
 def spatial_dims(module: nn.Module) -> int:

@@ -34,22 +34,39 @@ def blocks(value: torch.Tensor, dims: int, groups: int) -> torch.Tensor:
 
 def patch_blocks(x: torch.Tensor, module: nn.Module) -> torch.Tensor:
     """The producer's input patches feature-major: (B, groups, features-per-group, L), the
-    layout ``NormalEquations.update_blocks`` takes (F.unfold's for 2-D convs, no extra copy)."""
+    layout ``NormalEquations.update_blocks`` takes, features ordered like ``weight[o].flatten()``
+    within each group. F.unfold's output for 2-D convs with symmetric padding (no extra copy);
+    otherwise Tensor.unfold per spatial dimension and one reshape."""
     if isinstance(module, nn.Linear):
         return blocks(x, 0, 1)
+    n, c, dims, g = x.shape[0], x.shape[1], x.dim() - 2, module.groups
     pads = _padding(module)
-    if x.dim() == 4 and all(lo == hi for lo, hi in pads):
+    if dims == 2 and all(lo == hi for lo, hi in pads):
         cols = F.unfold(
             x,
             module.kernel_size,
             dilation=module.dilation,
             padding=tuple(lo for lo, _ in pads),
             stride=module.stride,
-        )  # (N, C·kh·kw, L), features ordered like weight[o].flatten() within each group
-        return cols.view(x.shape[0], module.groups, -1, cols.shape[-1])
-    p = patches(x, module)  # (N·L, G, D) → (N, G, D, L)
-    n = x.shape[0]
-    return p.reshape(n, -1, p.shape[1], p.shape[2]).permute(0, 2, 3, 1)
+        )  # (N, C·kh·kw, L)
+        return cols.view(n, g, -1, cols.shape[-1])
+    flat = [p for pair in reversed(pads) for p in pair]
+    x = F.pad(x, flat) if any(flat) else x
+    for d in range(dims):
+        k, s, dil = module.kernel_size[d], module.stride[d], module.dilation[d]
+        x = x.unfold(2 + d, dil * (k - 1) + 1, s)
+        if dil > 1:
+            x = x[..., ::dil]
+    # x: (N, C, *L, *k) -> (N, C, *k, *L) -> (N, G, C/G·Πk, ΠL)
+    x = x.permute(0, 1, *range(2 + dims, 2 + 2 * dims), *range(2, 2 + dims))
+    return x.reshape(n, g, (c // g) * math.prod(module.kernel_size), -1)
+
+
+def patches(x: torch.Tensor, module: nn.Module) -> torch.Tensor:
+    """The producer's input as a (rows, groups, features-per-group) patch matrix (zero padding),
+    rows = N·ΠL row-major: ``patch_blocks`` laid out row by row."""
+    b = patch_blocks(x, module)
+    return b.permute(0, 3, 1, 2).reshape(-1, b.shape[1], b.shape[2])
 
 
 def _padding(module: nn.Module) -> list[tuple[int, int]]:
@@ -60,24 +77,3 @@ def _padding(module: nn.Module) -> list[tuple[int, int]]:
         total = [d * (kk - 1) for d, kk in zip(dil, k, strict=True)]
         return [(t // 2, t - t // 2) for t in total]
     return [(p, p) for p in module.padding]
-
-
-def patches(x: torch.Tensor, module: nn.Module) -> torch.Tensor:
-    """The producer's input as (rows, groups, features-per-group) patch matrix (zero padding)."""
-    if isinstance(module, nn.Linear):
-        return x.reshape(-1, 1, x.shape[-1])
-    dims = x.dim() - 2
-    pads = _padding(module)
-    flat = [p for pair in reversed(pads) for p in pair]
-    x = F.pad(x, flat) if any(flat) else x
-    for d in range(dims):
-        k, s, dil = module.kernel_size[d], module.stride[d], module.dilation[d]
-        x = x.unfold(2 + d, dil * (k - 1) + 1, s)
-        if dil > 1:
-            x = x[..., ::dil]
-    # x: (N, C, *L, *k) -> (N, *L, C, *k)
-    c = x.shape[1]
-    order = [0, *range(2, 2 + dims), 1, *range(2 + dims, 2 + 2 * dims)]
-    x = x.permute(order)
-    g = module.groups
-    return x.reshape(-1, g, (c // g) * math.prod(module.kernel_size))

@@ -265,19 +265,14 @@ class CalibrateAdapters(FxkdPass):
                 )
                 unknowns += u
                 conds.append(c)
-            cond = Conditioning(
-                sum(c.features for c in conds),
-                sum(c.dead for c in conds),
-                sum(c.dependent for c in conds),
-                max(c.condition for c in conds),
-            )
+            cond = Conditioning.combine(conds)
         for m in members:
             pending.discard(m.node)
             student.run_node(m.node)
         for step in steps:
             pending.discard(step)
             student.run_node(step)
-        if point not in member_nodes and point not in steps:
+        if point not in own:
             student.run_node(point)
         err_after = _rel_error(student.value(point), targets)
         err_given = None

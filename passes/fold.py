@@ -19,9 +19,9 @@ from torch.fx.passes.infra.pass_base import PassResult
 from fxkd.fold import compose_pointwise, effective_affine, fuse_batchnorm, write_effective_affine
 from fxkd.nodes import (
     affine_module,
-    attention_out_proj,
     eval_batchnorm,
     module_call_counts,
+    site_producer,
     spatial_dims,
 )
 
@@ -107,8 +107,8 @@ class FoldAdapters(FxkdPass):
                 return f"{anchor.name} is neither a conv/linear nor an eval BatchNorm after one"
             anchor = producer_node
         caller = anchor
-        if producer is None and attention_out_proj(gm, anchor) is not None:
-            producer, caller = attention_out_proj(gm, anchor), anchor.args[0]  # mha(...)[0]
+        if producer is None and site_producer(gm, anchor) is not None:
+            producer, _, caller = site_producer(gm, anchor)  # an attention's out_proj
         if producer is None:
             return f"{anchor.name} is not a conv/linear module"
         if calls[str(caller.target)] != 1:

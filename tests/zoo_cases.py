@@ -12,6 +12,8 @@ from torch import nn
 
 from fxkd.students import decouple, prune
 
+from models import randomize_bn
+
 ARCHS = [
     "resnet18",
     "resnet50",
@@ -28,18 +30,6 @@ ARCHS = [
 KINDS = ["l1", "bn", "decouple"]
 NO_BATCHNORM = {"vit"}  # network slimming needs BatchNorm scales
 DEPTH = ("resnet34", "resnet18")  # a hand-designed shallower student
-
-
-def _randomize_bn(model: nn.Module, seed: int) -> nn.Module:
-    g = torch.Generator().manual_seed(seed)
-    for m in model.modules():
-        if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.running_mean is not None:
-            c = m.num_features
-            m.running_mean.copy_(torch.randn(c, generator=g) * 0.1)
-            m.running_var.copy_(torch.rand(c, generator=g) + 0.5)
-            m.weight.data.copy_(torch.rand(c, generator=g) + 0.5)
-            m.bias.data.copy_(torch.randn(c, generator=g) * 0.1)
-    return model.eval()
 
 
 def build(arch: str, seed: int = 0) -> tuple[nn.Module, tuple[int, ...]]:
@@ -62,7 +52,7 @@ def build(arch: str, seed: int = 0) -> tuple[nn.Module, tuple[int, ...]]:
         for name, p in model.named_parameters():
             if name.endswith("layer_scale"):
                 p.data.uniform_(0.1, 1.0)
-    return _randomize_bn(model, seed), (3, 64, 64)
+    return randomize_bn(model, seed), (3, 64, 64)
 
 
 @dataclass
