@@ -1,31 +1,48 @@
-"""Calibration cost, measured side by side: fxkd's one-pass lockstep calibration against the
-floor (one no-grad forward of teacher and student) and against the reference FSKD approach
-(re-run both networks up to each block, solve, repeat).
+"""Calibration cost, measured side by side in one run: fxkd's one-pass lockstep calibration
+against the floor (one no-grad forward of teacher and student over the same chunks) and against
+the reference FSKD schedule (re-run both networks up to each block, solve, repeat).
 
     python examples/bench_calibration.py                      # small VGG/ResNet pairs, 32x32
-    python examples/bench_calibration.py --samples 64 256 --repeats 3
+    python examples/bench_calibration.py --pairs resnet18 --size 224 --samples 64 --repeats 1
+    python examples/bench_calibration.py --pairs resnet50 --size 224 --samples 512 \\
+        --device cuda --offload                               # what examples/gpu_check.sh runs
 
-Prints, per pair, mode and N: fxkd/floor and per-block/fxkd (medians of --repeats runs, all
-in one process). Ratios, not absolute times, are the claim. Memory is not measured yet.
+Per pair, mode and N it prints medians of --repeats runs: fxkd/floor, per-block/fxkd, compress
+end to end; then, from one more run of each: peak memory (CUDA: the allocator's peak above the
+start; CPU: resident memory sampled every millisecond above the start, freed memory trimmed
+before each run), fxkd's memory estimate of the held activations next to what its runners
+actually held, and the Gram's GEMM rate (FLOPs of the normal-equation updates over their own
+time) against this machine's fp32 matmul rate. Ratios, not absolute times, are the claim.
+Torchvision pairs are random-init (random BatchNorm statistics) with every block's internal
+convs L1-pruned by half (block outputs kept: "internally pruned").
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
+import ctypes
+import json
 import statistics
+import threading
 import time
 
 import torch
+from torch import nn
 
 import fxkd
 from fxkd.align import align
+from fxkd.lstsq import NormalEquations
 from fxkd.passes import CalibrateAdapters, InsertAdapters
 from fxkd.passes.calibrate import _groups
 from fxkd.passes.runner import GraphRunner
+from fxkd.placement import full_precision
 from fxkd.students import prune
 from fxkd.trace import trace
 from fxkd.zoo import FashionResNet, FashionVGG
+
+PAIRS = ("vgg-style", "resnet-style", "resnet18", "resnet50")
 
 
 class PerBlockCalibration(CalibrateAdapters):
@@ -40,7 +57,7 @@ class PerBlockCalibration(CalibrateAdapters):
         t_nodes = {n.name: n for n in self.teacher.graph.nodes}
         chunks = list(self.samples.split(self.config.chunk_size))
         pending = {m.node for ms in groups.values() for m in ms}
-        with torch.no_grad():
+        with torch.no_grad(), full_precision():
             for point, members in groups.items():
                 target = t_nodes[members[0].module.pair.teacher_point]
                 teacher = GraphRunner(self.teacher, chunks, pinned=[target])
@@ -51,29 +68,134 @@ class PerBlockCalibration(CalibrateAdapters):
         return torch.fx.passes.infra.pass_base.PassResult(gm, True)
 
 
-def pairs(size: int):
+def _randomize_bn(model: nn.Module, seed: int = 0) -> nn.Module:
+    """Non-trivial BatchNorm statistics for a random-init torchvision model."""
+    g = torch.Generator().manual_seed(seed)
+    for m in model.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            c = m.num_features
+            m.running_mean.copy_(torch.randn(c, generator=g) * 0.1)
+            m.running_var.copy_(torch.rand(c, generator=g) + 0.5)
+            m.weight.data.copy_(torch.rand(c, generator=g) + 0.5)
+            m.bias.data.copy_(torch.randn(c, generator=g) * 0.1)
+    return model.eval()
+
+
+def make_pair(name: str, size: int):
+    """(teacher, student, input shape) for a pair name, student L1-pruned 50%."""
     torch.manual_seed(0)
-    example = torch.randn(1, 1, size, size)
-    for name, teacher in (("vgg-style", FashionVGG()), ("resnet-style", FashionResNet())):
-        teacher.eval()
-        student = prune(teacher, 0.5, example_inputs=example)
-        yield name, teacher, student, (1, size, size)
+    if name in ("vgg-style", "resnet-style"):
+        teacher = (FashionVGG() if name == "vgg-style" else FashionResNet()).eval()
+        student = prune(teacher, 0.5, example_inputs=torch.randn(1, 1, size, size))
+        return teacher, student, (1, size, size)
+    import torchvision
+
+    teacher = _randomize_bn(getattr(torchvision.models, name)(weights=None))
+    # internal pruning: every block output (last conv of a block, downsample, stem) and the
+    # classifier keep their width, the convs inside the blocks lose half their filters
+    keep = [teacher.conv1, teacher.fc]
+    for layer in (teacher.layer1, teacher.layer2, teacher.layer3, teacher.layer4):
+        for block in layer:
+            convs = [m for n, m in block.named_children() if n.startswith("conv")]
+            keep.append(convs[-1])
+            if block.downsample is not None:
+                keep.append(block.downsample[0])
+    student = prune(teacher, 0.5, example_inputs=torch.randn(1, 3, size, size), ignored_layers=keep)
+    return teacher, student, (3, size, size)
 
 
-def timed(fn, repeats: int) -> float:
-    """Median wall time of ``repeats`` calls."""
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def timed(fn, repeats: int, device: torch.device) -> float:
+    """Median wall time of ``repeats`` calls (the device synchronised around each)."""
     times = []
     for _ in range(repeats):
+        _sync(device)
         start = time.perf_counter()
         fn()
+        _sync(device)
         times.append(time.perf_counter() - start)
     return statistics.median(times)
 
 
-def measure(teacher, student, samples, mode: str, chunk_size: int, repeats: int) -> dict:
-    """Seconds (medians) of the floor, fxkd's calibration pass, the per-block schedule and
-    compress end to end, for one pair, mode and sample count."""
-    chunks = samples.split(chunk_size)
+def _rss() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * 4096
+
+
+def peak_memory(fn, device: torch.device) -> int:
+    """Bytes above the start at the peak of one call: the CUDA allocator's peak, or the
+    process's resident memory sampled every millisecond (freed memory trimmed first)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        base = torch.cuda.memory_allocated(device)
+        fn()
+        torch.cuda.synchronize(device)
+        return torch.cuda.max_memory_allocated(device) - base
+    with contextlib.suppress(OSError):
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    base, peak, done = _rss(), [0], threading.Event()
+
+    def sample():
+        while not done.is_set():
+            peak[0] = max(peak[0], _rss())
+            time.sleep(0.001)
+
+    thread = threading.Thread(target=sample, daemon=True)
+    thread.start()
+    try:
+        fn()
+    finally:
+        done.set()
+        thread.join()
+    return max(peak[0], _rss()) - base
+
+
+def matmul_rate(device: torch.device) -> float:
+    """This machine's fp32 matmul rate (GFLOP/s, TF32 off), a square product's best of 5."""
+    n = 4096 if device.type == "cuda" else 2048
+    a, b = torch.randn(n, n, device=device), torch.randn(n, n, device=device)
+    best = float("inf")
+    with full_precision():
+        for _ in range(5):
+            best = min(best, timed(lambda: a @ b, 1, device))
+    return 2 * n**3 / best / 1e9
+
+
+class GramMeter:
+    """Counts the FLOPs of NormalEquations.update_blocks and times them (device synced)."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device, self.flops, self.seconds = device, 0, 0.0
+
+    def __enter__(self):
+        self.original = NormalEquations.update_blocks
+        meter = self
+
+        def update_blocks(eqs, x, y):
+            b, p, d, length = x.shape
+            meter.flops += 2 * p * d * (d + y.shape[2]) * b * length
+            _sync(meter.device)
+            start = time.perf_counter()
+            meter.original(eqs, x, y)
+            _sync(meter.device)
+            meter.seconds += time.perf_counter() - start
+
+        NormalEquations.update_blocks = update_blocks
+        return self
+
+    def __exit__(self, *exc):
+        NormalEquations.update_blocks = self.original
+
+
+def measure(teacher, student, samples, mode, args, device) -> dict:
+    """Seconds (medians), peak bytes and Gram rate of floor, fxkd, per-block and compress."""
+    chunks = samples.split(args.chunk_size)
+    repeats = args.repeats
 
     def floor():
         with torch.no_grad():
@@ -82,7 +204,7 @@ def measure(teacher, student, samples, mode: str, chunk_size: int, repeats: int)
                 student(c)
 
     cfg = fxkd.CompressConfig(
-        mode=mode, num_samples=len(samples), chunk_size=chunk_size, progress=False
+        mode=mode, num_samples=len(samples), chunk_size=args.chunk_size, progress=False
     )
     t_gm = trace(teacher, samples[:2])
 
@@ -91,42 +213,103 @@ def measure(teacher, student, samples, mode: str, chunk_size: int, repeats: int)
         InsertAdapters(align(t_gm, gm, channel_maps=student.fxkd_channel_maps), mode)(gm)
         return gm
 
-    out = {"floor": timed(floor, repeats)}
-    fresh = iter([prepared() for _ in range(repeats)])
-    out["fxkd"] = timed(lambda: CalibrateAdapters(t_gm, samples, cfg)(next(fresh)), repeats)
-    fresh = iter([prepared() for _ in range(repeats)])
-    out["per-block"] = timed(lambda: PerBlockCalibration(t_gm, samples, cfg)(next(fresh)), repeats)
-    out["compress"] = timed(lambda: fxkd.compress(teacher, student, samples, config=cfg), repeats)
+    def run(cls, config=cfg):
+        gm = prepared()
+        return lambda: cls(t_gm, samples, config)(gm)
+
+    out = {"floor": timed(floor, repeats, device)}
+    out["fxkd"] = statistics.median(
+        timed(run(CalibrateAdapters), 1, device) for _ in range(repeats)
+    )
+    out["per-block"] = statistics.median(
+        timed(run(PerBlockCalibration), 1, device) for _ in range(repeats)
+    )
+    out["compress"] = timed(
+        lambda: fxkd.compress(teacher, student, samples, config=cfg), repeats, device
+    )
     out["blocks"] = len(_groups(prepared()))
+    if args.offload:
+        out["fxkd-offload"] = timed(run(CalibrateAdapters, cfg.replace(offload=True)), 1, device)
+    if args.memory:
+        peaks = {"floor": peak_memory(floor, device)}
+        cal = CalibrateAdapters(t_gm, samples, cfg)
+        gm = prepared()
+        peaks["fxkd"] = peak_memory(lambda: cal(gm), device)
+        peaks["per-block"] = peak_memory(run(PerBlockCalibration), device)
+        if args.offload:
+            peaks["fxkd-offload"] = peak_memory(
+                run(CalibrateAdapters, cfg.replace(offload=True)), device
+            )
+        out["peak"] = peaks
+        out["estimated-held"] = sum(cal.memory.held.values())
+        out["measured-held"] = sum(cal.peak_held.values())
+    with GramMeter(device) as meter:
+        run(CalibrateAdapters)()
+    out["gram-gflops"] = meter.flops / 1e9
+    out["gram-s"] = meter.seconds
     return out
+
+
+def _mib(n: int) -> str:
+    return f"{n / 2**20:.0f}"
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--pairs", nargs="+", choices=PAIRS, default=["vgg-style", "resnet-style"])
     p.add_argument("--samples", nargs="+", type=int, default=[64, 256])
+    p.add_argument("--modes", nargs="+", choices=fxkd.config.MODES, default=list(fxkd.config.MODES))
     p.add_argument("--size", type=int, default=32)
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--chunk-size", type=int, default=64)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--offload", action="store_true", help="also time fxkd with offload=True")
+    p.add_argument("--no-memory", dest="memory", action="store_false", help="skip peak memory")
+    p.add_argument("--json", help="write the rows here")
     args = p.parse_args()
+    device = torch.device(args.device)
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
+    peak = matmul_rate(device)
     print(
-        f"torch {torch.__version__}, {torch.get_num_threads()} threads, input {args.size}x"
-        f"{args.size}; medians of {args.repeats} runs"
+        f"torch {torch.__version__} on {name}, {torch.get_num_threads()} CPU threads, input "
+        f"{args.size}x{args.size}, chunk {args.chunk_size}; medians of {args.repeats} runs; "
+        f"fp32 matmul (TF32 off) {peak:.0f} GFLOP/s"
     )
     print(
         f"{'pair':<13} {'mode':<9} {'N':>5} {'blocks':>6} {'floor s':>8} {'fxkd s':>7} "
-        f"{'per-block s':>11} {'fxkd/floor':>10} {'per-block/fxkd':>14} {'compress s':>10}"
+        f"{'per-block s':>11} {'fxkd/floor':>10} {'per-block/fxkd':>14} {'compress s':>10} "
+        f"{'peak MiB floor/fxkd/per-block':>29} {'held MiB est/meas':>17} {'Gram GFLOP/s':>12}"
     )
-    for name, teacher, student, shape in pairs(args.size):
+    rows = []
+    for pair in args.pairs:
+        teacher, student, shape = make_pair(pair, args.size)
+        teacher, student = teacher.to(device), student.to(device)
         for n in args.samples:
-            samples = torch.randn(n, *shape)
-            for mode in ("pointwise", "kernel"):
-                r = measure(teacher, student, samples, mode, args.chunk_size, args.repeats)
+            samples = torch.randn(n, *shape, generator=torch.Generator().manual_seed(n)).to(device)
+            for mode in args.modes:
+                r = measure(teacher, student, samples, mode, args, device)
                 floor, fx, block = r["floor"], r["fxkd"], r["per-block"]
+                peaks = held = "-"
+                if "peak" in r:
+                    peaks = "/".join(_mib(r["peak"][k]) for k in ("floor", "fxkd", "per-block"))
+                    held = f"{_mib(r['estimated-held'])}/{_mib(r['measured-held'])}"
+                rate = r["gram-gflops"] / max(r["gram-s"], 1e-9)
                 print(
-                    f"{name:<13} {mode:<9} {n:>5} {r['blocks']:>6} {floor:>8.3f} {fx:>7.3f} "
+                    f"{pair:<13} {mode:<9} {n:>5} {r['blocks']:>6} {floor:>8.3f} {fx:>7.3f} "
                     f"{block:>11.3f} {fx / floor:>10.2f} {block / fx:>14.2f} "
-                    f"{r['compress']:>10.3f}"
+                    f"{r['compress']:>10.3f} {peaks:>29} {held:>17} {rate:>12.0f}",
+                    flush=True,
                 )
+                if "fxkd-offload" in r:
+                    extra = f", peak {_mib(r['peak']['fxkd-offload'])} MiB" if "peak" in r else ""
+                    print(
+                        f"{'':<13} offload: {r['fxkd-offload']:.3f} s "
+                        f"({r['fxkd-offload'] / fx:.2f}x fxkd){extra}"
+                    )
+                rows.append({"pair": pair, "mode": mode, "N": n, "device": name, **r})
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"matmul_gflops": peak, "rows": rows}, f, indent=1)
 
 
 if __name__ == "__main__":

@@ -17,6 +17,7 @@ from fxkd.align import Alignment, align
 from fxkd.config import CompressConfig
 from fxkd.data import take_samples
 from fxkd.errors import ConfigError
+from fxkd.memory import MemoryEstimate
 from fxkd.onnx import ValidationReport, export_onnx, exported_elements, validate_onnx
 from fxkd.passes import CalibrateAdapters, FoldAdapters, FoldBatchNorm, InsertAdapters
 from fxkd.placement import module_device, module_dtype, to_module
@@ -37,12 +38,14 @@ class CompressResult:
     report: the per-block table (``print(result.report)``).
     onnx: the onnxruntime validation report when ``onnx=`` was given, else None.
     alignment: which student sites were paired with which teacher points.
+    memory: calibration's memory estimate, checked before it ran (``fxkd.memory``).
     """
 
     model: fx.GraphModule
     report: Report
     onnx: ValidationReport | None
     alignment: Alignment
+    memory: MemoryEstimate | None = None
 
 
 _HALF = (torch.float16, torch.bfloat16)
@@ -131,7 +134,7 @@ def compress(
             weight_elements=exported_elements(student_gm, to_module(example, student_gm)),
             reference_elements=exported_elements(original, to_module(example, original)),
         )
-    return CompressResult(student_gm, report, validation, alignment)
+    return CompressResult(student_gm, report, validation, alignment, calibrate.memory)
 
 
 def _report(alignment, insert, calibrate, fold, adapter_of, cfg, num_samples) -> Report:

@@ -41,6 +41,17 @@ class CompressConfig:
         seed: seeds torch's RNG while samples are drawn (shuffling loaders become reproducible).
         fold_batchnorm: also fuse every eval BatchNorm into its conv/linear after folding adapters
             (deployment form; changes parameter shapes, so off by default).
+        offload: keep the activations held between blocks in CPU memory (pinned) and bring
+            one chunk at a time to the GPU: device memory becomes one chunk's working set,
+            whatever ``num_samples``; costs host-device copies. No effect on CPU.
+        subsample: share of each conv site's spatial positions (per sample, drawn at random
+            with ``seed``) that enter the normal equations, in (0, 1]. Cuts the Gram's work and
+            its per-chunk buffers by that share; fully-connected sites keep all rows. The
+            errors in the report are still measured on every position.
+        memory_limit: bytes calibration may use on its device (and in CPU memory when
+            offloading); default: what the device reports free. A calibration whose estimate
+            (``fxkd.memory.estimate``) exceeds it stops before any work, with the options that
+            would make it fit.
         progress: show tqdm progress bars.
         onnx_atol, onnx_rtol: tolerances of the onnxruntime parity check.
     """
@@ -56,6 +67,9 @@ class CompressConfig:
     input_key: str | None = None
     seed: int = 0
     fold_batchnorm: bool = False
+    offload: bool = False
+    subsample: float = 1.0
+    memory_limit: int | None = None
     progress: bool = True
     onnx_atol: float = 1e-4
     onnx_rtol: float = 1e-3
@@ -69,6 +83,14 @@ class CompressConfig:
             raise ConfigError(f"num_samples={self.num_samples!r} must be a positive int")
         if not (isinstance(self.chunk_size, int) and self.chunk_size > 0):
             raise ConfigError(f"chunk_size={self.chunk_size!r} must be a positive int")
+        if not (isinstance(self.subsample, (int, float)) and 0.0 < self.subsample <= 1.0):
+            raise ConfigError(
+                f"subsample={self.subsample!r} must be a share of positions in (0, 1], e.g. 0.25"
+            )
+        if self.memory_limit is not None and not (
+            isinstance(self.memory_limit, int) and self.memory_limit > 0
+        ):
+            raise ConfigError(f"memory_limit={self.memory_limit!r} must be a positive byte count")
         if self.ridge is not None and not self.ridge >= 0:
             raise ConfigError(f"ridge={self.ridge!r} must be >= 0 (a relative ridge, e.g. 1e-4)")
         for name, channels in self.channel_maps.items():

@@ -12,6 +12,7 @@ __all__ = [
     "DataError",
     "EmptyLoaderError",
     "FxkdError",
+    "MemoryBudgetError",
     "OnnxValidationError",
     "TraceError",
 ]
@@ -43,6 +44,11 @@ class EmptyLoaderError(DataError):
 
 class CalibrationError(FxkdError):
     """Calibration met values it cannot solve with (NaN/Inf features, mismatched shapes)."""
+
+
+class MemoryBudgetError(CalibrationError):
+    """A calibration's memory estimate exceeds what its device has free (or ``memory_limit``);
+    raised before any work starts, naming the options that would make it fit."""
 
 
 class OnnxValidationError(FxkdError):

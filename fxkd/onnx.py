@@ -22,6 +22,7 @@ from torch import nn
 
 from fxkd.errors import OnnxValidationError
 from fxkd.onnx_fold import fold_adapters
+from fxkd.placement import full_precision
 from fxkd.trace import eval_mode
 
 __all__ = [
@@ -153,7 +154,7 @@ def validate_onnx(
         onnx.checker.check_model(str(path), full_check=True)
     except Exception as exc:
         raise OnnxValidationError(f"onnx.checker rejected {path}: {exc}") from exc
-    with torch.no_grad(), eval_mode(model):
+    with torch.no_grad(), eval_mode(model), full_precision():
         expected = model(inputs)
     expected = [expected] if isinstance(expected, torch.Tensor) else list(expected)
     expected = [e.detach().double().cpu().numpy() for e in expected]

@@ -20,6 +20,8 @@ Each network therefore runs exactly once over the samples, whatever the number o
 from __future__ import annotations
 
 import logging
+import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -33,9 +35,11 @@ from fxkd.config import CompressConfig
 from fxkd.errors import CalibrationError
 from fxkd.fold import compose_pointwise, effective_affine
 from fxkd.lstsq import Conditioning, NormalEquations
+from fxkd.memory import MemoryEstimate, check_fits
+from fxkd.memory import estimate as estimate_memory
 from fxkd.nodes import redo_steps, undo_steps
 from fxkd.patches import blocks, patch_blocks
-from fxkd.placement import module_device, module_dtype, to_module
+from fxkd.placement import full_precision, module_device, module_dtype
 from fxkd.trace import eval_mode, trace
 
 from .adapter import ADAPTER_TYPES, KernelAdapter, PointwiseAdapter
@@ -100,8 +104,8 @@ class _Member:
     def features(self, runner: GraphRunner, i: int) -> torch.Tensor:
         """(B, groups, D, L) features of chunk i, feature-major (rows = B·L)."""
         if not self.pointwise:
-            return patch_blocks(runner.value(self.node.args[1])[i], self.producer)
-        return blocks(runner.value(self.node.args[0])[i], self.module.dims, self.groups)
+            return patch_blocks(runner.chunk(self.node.args[1], i), self.producer)
+        return blocks(runner.chunk(self.node.args[0], i), self.module.dims, self.groups)
 
     def prior(self) -> torch.Tensor:
         """(groups, D[+1], K): the student as it is, what the ridge shrinks towards."""
@@ -147,7 +151,9 @@ class CalibrateAdapters(FxkdPass):
 
     ``teacher`` is the GraphModule the alignment was made on (or the module, traced here with
     ``config.leaf_modules``); ``reference``, optional, is the traced student as given, run along
-    to report its error at every point. Results per adapter are in ``self.records``."""
+    to report its error at every point. Results per adapter are in ``self.records``; the memory
+    estimate checked before the run in ``self.memory`` (MemoryBudgetError when it cannot fit),
+    the bytes each runner actually held at its peak in ``self.peak_held``."""
 
     def __init__(
         self,
@@ -165,6 +171,8 @@ class CalibrateAdapters(FxkdPass):
         self.samples = samples
         self.reference = reference
         self.records: dict[str, SiteRecord] = {}
+        self.memory: MemoryEstimate | None = None
+        self.peak_held: dict[str, int] = {}
 
     def call(self, graph_module: fx.GraphModule) -> PassResult:
         gm = graph_module
@@ -184,17 +192,34 @@ class CalibrateAdapters(FxkdPass):
                 f"teacher nodes {missing} not found: the teacher given to CalibrateAdapters is "
                 "not the graph the alignment was made on. Hint: pass the same traced teacher."
             )
-        chunks = list(_shard(self.samples).split(self.config.chunk_size))
-        targets = [t_nodes[ms[0].module.pair.teacher_point] for ms in groups.values()]
-        teacher = GraphRunner(
-            self.teacher, [to_module(c, self.teacher) for c in chunks], pinned=targets
+        shard = _shard(self.samples)
+        self.memory = estimate_memory(
+            self.teacher, gm, len(shard), self.config, reference=self.reference
         )
-        student = GraphRunner(gm, [to_module(c, gm).to(device) for c in chunks])
+        check_fits(self.memory, self.config)
+        chunks = list(shard.split(self.config.chunk_size))
+        targets = [t_nodes[ms[0].module.pair.teacher_point] for ms in groups.values()]
+        offload = self.config.offload
+        teacher = GraphRunner(
+            self.teacher,
+            [c.to(module_dtype(self.teacher)) for c in chunks],
+            pinned=targets,
+            device=module_device(self.teacher),
+            offload=offload,
+        )
+        student = GraphRunner(
+            gm, [c.to(module_dtype(gm)) for c in chunks], device=device, offload=offload
+        )
         dtype = torch.float64 if module_dtype(gm) == torch.float64 else torch.float32
         reference = None
         if self.reference is not None:
             r_nodes = {n.name: n for n in self.reference.graph.nodes}
-            reference = GraphRunner(self.reference, [to_module(c, self.reference) for c in chunks])
+            reference = GraphRunner(
+                self.reference,
+                [c.to(module_dtype(self.reference)) for c in chunks],
+                device=module_device(self.reference),
+                offload=offload,
+            )
             reference.pinned = {r_nodes[ms[0].module.pair.site.point] for ms in groups.values()}
         # adapters not solved yet, and the seen-through steps after them, wait for their solve
         pending = {m.node for ms in groups.values() for m in ms}
@@ -206,7 +231,7 @@ class CalibrateAdapters(FxkdPass):
         }
         models = [m for m in (self.teacher, gm, self.reference) if m is not None]
         self.records = {}
-        with torch.no_grad(), eval_mode(*models):
+        with torch.no_grad(), eval_mode(*models), full_precision():
             for point, members in tqdm(
                 groups.items(),
                 desc="fxkd calibrate",
@@ -218,6 +243,11 @@ class CalibrateAdapters(FxkdPass):
                     point, members, target_node, teacher, student, reference, pending, device, dtype
                 )
                 teacher.unpin(target_node)
+        self.peak_held = {
+            name: r.peak_bytes
+            for name, r in (("teacher", teacher), ("student", student), ("reference", reference))
+            if r is not None
+        }
         return PassResult(gm, True)
 
     def _solve(
@@ -229,19 +259,18 @@ class CalibrateAdapters(FxkdPass):
             torch.tensor(pair.channel_map, device=device) if pair.channel_map is not None else None
         )
         channel_dim = pair.site.channel_dim
-        targets = [
-            t.to(device, dtype)
-            if cmap is None
-            else t.to(device, dtype).index_select(channel_dim, cmap)
-            for t in teacher.run_through(target_node)
-        ]
+        teacher.run_through(target_node)
+        targets = _Targets(teacher, target_node, device, dtype, cmap, channel_dim)
+        if not self.config.offload:  # held on the device anyway: convert once
+            targets = list(targets)
         member_nodes = {m.node for m in members}
         steps = [student.by_name[n] for n in pair.site.steps]
         own = member_nodes | set(steps)  # the point's operands that the adapters produce
         residual = [a for a in point.all_input_nodes if a not in own]
         residual_node = residual[0] if point not in own and residual else None
         err_before = self._identity_error(student, members, residual_node, targets, steps)
-        sample_rows = _global_rows(targets, channel_dim)
+        share = self.config.subsample if members[0].module.dims > 0 else 1.0
+        sample_rows = _global_rows(teacher.value(target_node), channel_dim, share)
         for m in members:
             if not m.pointwise and sample_rows < m.kernel_unknowns():
                 m.pointwise = True
@@ -298,10 +327,10 @@ class CalibrateAdapters(FxkdPass):
         """The point's error with identity adapters (the already-corrected student's input)."""
         values = []
         for i in range(len(targets)):
-            v = sum(student.value(m.node.args[0])[i] for m in members)
+            v = sum(student.chunk(m.node.args[0], i) for m in members)
             v = redo_steps(student.gm, steps, v)
             if residual_node is not None:
-                v = v + student.value(residual_node)[i]
+                v = v + student.chunk(residual_node, i)
             values.append(v)
         return _rel_error(values, targets)
 
@@ -317,10 +346,15 @@ class CalibrateAdapters(FxkdPass):
             feats = [m.features(student, i) for m in members]
             feats = feats[0] if len(feats) == 1 else torch.cat(feats, dim=2)
             if residual_node is not None:
-                y = y - student.value(residual_node)[i]
+                y = y - student.chunk(residual_node, i)
             for o in extra:  # other members held fixed at their current output
-                y = y - o.module(*[student.value(a)[i] for a in o.node.args])
-            eqs.update_blocks(feats, blocks(undo_steps(student.gm, steps, y), dims, g))
+                y = y - o.module(*[student.chunk(a, i) for a in o.node.args])
+            y = blocks(undo_steps(student.gm, steps, y), dims, g)
+            if self.config.subsample < 1.0 and dims > 0:
+                keep = _positions(y.shape[-1], self.config.subsample, (self.config.seed, i))
+                keep = keep.to(y.device)
+                feats, y = feats.index_select(-1, keep), y.index_select(-1, keep)
+            eqs.update_blocks(feats, y)
         eqs.all_reduce()
         if not torch.isfinite(eqs.gram).all():
             raise CalibrationError(
@@ -401,9 +435,48 @@ def _rel_error(values: list[torch.Tensor], targets: list[torch.Tensor]) -> float
     return float(sums[0] / sums[1].clamp_min(1e-300))
 
 
-def _global_rows(targets: list[torch.Tensor], channel_dim: int) -> int:
-    """Sample rows (samples x positions) at a point, summed over ranks."""
-    count = sum(t.numel() // t.shape[channel_dim] for t in targets)
+class _Targets(Sequence):
+    """The teacher's value at a point, chunk by chunk, on the student's device and dtype and
+    restricted to the student's kept channels; fetched on access (offloaded values travel to
+    the device one chunk at a time)."""
+
+    def __init__(self, runner, node, device, dtype, channel_map, channel_dim) -> None:
+        self.runner, self.node = runner, node
+        self.device, self.dtype = device, dtype
+        self.channel_map, self.channel_dim = channel_map, channel_dim
+
+    def __len__(self) -> int:
+        return len(self.runner.value(self.node))
+
+    def __getitem__(self, i):
+        if isinstance(i, slice):
+            return [self[j] for j in range(len(self))[i]]
+        if not -len(self) <= i < len(self):
+            raise IndexError(i)
+        t = self.runner.chunk(self.node, i).to(self.device, self.dtype)
+        if self.channel_map is None:
+            return t
+        return t.index_select(self.channel_dim, self.channel_map)
+
+
+def _positions(length: int, share: float, key: tuple[int, int]) -> torch.Tensor:
+    """``ceil(share·length)`` of ``length`` spatial positions, sorted, drawn without replacement
+    by a generator seeded from ``key`` (config seed, chunk): the same draw for a site's features
+    and its target, reproducible run to run."""
+    count = max(1, math.ceil(share * length))
+    g = torch.Generator().manual_seed(key[0] * 1_000_003 + key[1])
+    return torch.randperm(length, generator=g)[:count].sort().values
+
+
+def _global_rows(targets: list[torch.Tensor], channel_dim: int, share: float = 1.0) -> int:
+    """Sample rows (samples x positions, ``share`` of the positions kept) at a point, summed
+    over ranks."""
+    count = 0
+    for t in targets:
+        rows = t.numel() // t.shape[channel_dim]
+        if share < 1.0:  # positions kept per sample
+            rows = t.shape[0] * max(1, math.ceil(share * (rows // t.shape[0])))
+        count += rows
     if dist.is_available() and dist.is_initialized():
         total = torch.tensor([count], dtype=torch.float64)
         dist.all_reduce(total)

@@ -4,6 +4,12 @@ Calibration advances the teacher and the student in lockstep: each runs only as 
 next solve needs. A value is freed as soon as every user has run (unless pinned), so memory is
 the live activations of the samples, not the whole network's. Nodes can be *deferred* (skipped
 when advancing, run explicitly later): unsolved adapters wait for their solve this way.
+
+With ``offload=True`` the held values live in CPU memory (pinned when computing on a GPU) and
+each chunk's inputs travel to the compute device only while a node runs on them: device memory
+is then one chunk's working set, whatever the number of samples. The runner counts the bytes it
+holds (``held_bytes``, ``peak_bytes``; storages shared by views counted once) on the compute
+device, or in CPU memory when offloading.
 """
 
 from __future__ import annotations
@@ -14,6 +20,7 @@ from collections.abc import Iterable
 import torch
 import torch.fx as fx
 from torch.fx.node import map_arg
+from torch.utils._pytree import tree_leaves, tree_map
 
 from fxkd.errors import CalibrationError
 
@@ -24,9 +31,20 @@ class GraphRunner:
     """Runs ``gm`` over ``chunks`` (a list of input batches) lazily, in topological order."""
 
     def __init__(
-        self, gm: fx.GraphModule, chunks: list[torch.Tensor], pinned: Iterable[fx.Node] = ()
+        self,
+        gm: fx.GraphModule,
+        chunks: list[torch.Tensor],
+        pinned: Iterable[fx.Node] = (),
+        *,
+        device: torch.device | str | None = None,
+        offload: bool = False,
     ) -> None:
         self.gm = gm
+        self.device = torch.device(device) if device is not None else chunks[0].device
+        self.offload = offload and self.device.type != "cpu"
+        self.held_bytes = 0
+        self.peak_bytes = 0
+        self._storages: dict[int, list[int]] = {}  # data_ptr -> [nbytes, references]
         self.nodes = list(gm.graph.nodes)
         self.index = {n: i for i, n in enumerate(self.nodes)}
         self.by_name = {n.name: n for n in self.nodes}
@@ -36,7 +54,7 @@ class GraphRunner:
                 f"{type(gm).__name__} takes {len(placeholders)} inputs; fxkd calibrates models "
                 "with exactly one tensor input. Hint: wrap the model so it takes one tensor."
             )
-        self.chunks = chunks
+        self.chunks = [self._store(c) if self.offload else c.to(self.device) for c in chunks]
         self.remaining = {n: len(n.users) for n in self.nodes}
         self.pinned = set(pinned)
         self.env: dict[fx.Node, list] = {}
@@ -44,10 +62,15 @@ class GraphRunner:
         self.pos = 0
 
     def value(self, node: fx.Node) -> list:
-        """The per-chunk values of a node that has run and is still held."""
+        """The per-chunk values of a node that has run and is still held, as stored (in CPU
+        memory when offloading; ``chunk`` brings one to the compute device)."""
         if node not in self.env:
             raise CalibrationError(f"value of node {node.name} is not held (not run, or freed)")
         return self.env[node]
+
+    def chunk(self, node: fx.Node, i: int):
+        """Chunk ``i`` of a held value, on the compute device."""
+        return self._fetch(self.value(node)[i])
 
     def run_until(self, node: fx.Node, defer: Iterable[fx.Node] = ()) -> None:
         """Run every node before ``node`` in order, except deferred ones."""
@@ -82,10 +105,12 @@ class GraphRunner:
             fn = self._callable(node)
             out = []
             for i in range(len(self.chunks)):
-                args = map_arg(node.args, lambda a, i=i: self.env[a][i])
-                kwargs = map_arg(node.kwargs, lambda a, i=i: self.env[a][i])
-                out.append(fn(*args, **kwargs))
+                args = map_arg(node.args, lambda a, i=i: self._fetch(self.env[a][i]))
+                kwargs = map_arg(node.kwargs, lambda a, i=i: self._fetch(self.env[a][i]))
+                out.append(self._store(fn(*args, **kwargs)))
         self.env[node] = out
+        if node.op != "get_attr":
+            self._count(out, +1)
         self.done.add(node)
         for a in node.all_input_nodes:
             self.remaining[a] -= 1
@@ -102,7 +127,49 @@ class GraphRunner:
 
     def _maybe_free(self, node: fx.Node) -> None:
         if self.remaining[node] <= 0 and node not in self.pinned and node.op != "output":
-            self.env.pop(node, None)
+            out = self.env.pop(node, None)
+            if out is not None and node.op != "get_attr":
+                self._count(out, -1)
+
+    def _store(self, value):
+        """A node's output as held: moved to (pinned) CPU memory when offloading."""
+        if not self.offload:
+            return value
+        return tree_map(_to_host, value)
+
+    def _fetch(self, value):
+        """A held value on the compute device (a no-op unless offloading)."""
+        if not self.offload:
+            return value
+        return tree_map(
+            lambda v: (
+                v.to(self.device, non_blocking=True)
+                if isinstance(v, torch.Tensor) and v.device != self.device
+                else v
+            ),
+            value,
+        )
+
+    def _count(self, out: list, sign: int) -> None:
+        """Track the bytes of distinct storages held (views of one storage count once)."""
+        for t in tree_leaves(out):
+            if not isinstance(t, torch.Tensor) or t.device.type == "meta":
+                continue
+            storage = t.untyped_storage()
+            key = storage.data_ptr()
+            entry = self._storages.get(key)
+            if sign > 0:
+                if entry is None:
+                    self._storages[key] = [storage.nbytes(), 1]
+                    self.held_bytes += storage.nbytes()
+                    self.peak_bytes = max(self.peak_bytes, self.held_bytes)
+                else:
+                    entry[1] += 1
+            elif entry is not None:
+                entry[1] -= 1
+                if entry[1] <= 0:
+                    del self._storages[key]
+                    self.held_bytes -= entry[0]
 
     def _callable(self, node: fx.Node):
         if node.op == "call_module":
@@ -112,3 +179,12 @@ class GraphRunner:
         if node.op == "call_method":
             return lambda obj, *a, **k: getattr(obj, node.target)(*a, **k)
         raise CalibrationError(f"cannot run node {node.name} (op {node.op})")
+
+
+def _to_host(v):
+    """A device tensor copied into pinned CPU memory (other values unchanged)."""
+    if not isinstance(v, torch.Tensor) or v.device.type == "cpu":
+        return v
+    host = torch.empty(v.shape, dtype=v.dtype, pin_memory=True)
+    host.copy_(v)
+    return host

@@ -217,6 +217,7 @@ def test_producer_called_twice_is_skipped_with_its_reason():
     assert "skipped: module shared is called 2 times" in str(result.report)
 
 
+@pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_teacher_and_student_on_different_devices():
     """Teacher on the CPU, student on the GPU: calibration runs on the student's device and

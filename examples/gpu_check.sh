@@ -1,0 +1,42 @@
+#!/usr/bin/env bash
+# The GPU check of issue 5, one command (under 8 minutes on one H100/H200):
+#   1. prints the card's name;
+#   2. runs the tests marked `cuda` (offload, TF32 off, teacher/student on two devices, ...);
+#   3. runs the cost benchmark for torchvision resnet50 (teacher) and an internally pruned
+#      student at 224x224, N=512, both modes, with offload and peak memory, then the small
+#      pairs and resnet18 at N = 64, 256, 1024 as time allows.
+# Usage: examples/gpu_check.sh [output dir]      (default gpu_check_out/)
+# On a machine without network: put wheels of missing dependencies (torch-pruning) in .whl/.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+out=${1:-gpu_check_out}
+mkdir -p "$out"
+export PYTHONUNBUFFERED=1
+python3 -c "import torch; assert torch.cuda.is_available(), 'no CUDA device'; \
+print('card:', torch.cuda.get_device_name(), '| torch', torch.__version__, '| CUDA', torch.version.cuda)" \
+    || exit 1
+if [ -d .whl ]; then
+    python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/fxkd-site .whl/*.whl \
+        && export PYTHONPATH=/tmp/fxkd-site${PYTHONPATH:+:$PYTHONPATH}
+fi
+python3 -P -c "import fxkd.passes" 2>/dev/null \
+    || python3 -m pip install -q --no-index --no-deps --no-build-isolation -e . 2>&1 | tail -3
+if ! python3 -P -c "import fxkd.passes" 2>/dev/null; then  # no editable install: a copy
+    mkdir -p /tmp/fxkd-shim/fxkd && cp -r fxkd/. /tmp/fxkd-shim/fxkd/ \
+        && cp -r passes /tmp/fxkd-shim/fxkd/passes
+    export PYTHONPATH=/tmp/fxkd-shim${PYTHONPATH:+:$PYTHONPATH}
+fi
+python3 -P -c "import fxkd.passes, torch_pruning" || exit 1
+start=$SECONDS
+python3 -P -m pytest -q -p no:cacheprovider -m cuda tests/ 2>&1 | tee "$out/tests.txt"
+echo "tests: $((SECONDS - start)) s"
+timeout 200 python3 examples/bench_calibration.py --pairs resnet50 --size 224 --samples 512 \
+    --device cuda --offload --repeats 3 --json "$out/bench_resnet50.json" 2>&1 \
+    | tee "$out/bench_resnet50.txt"
+echo "resnet50: $((SECONDS - start)) s"
+timeout 90 python3 examples/bench_calibration.py --pairs resnet18 --size 224 \
+    --samples 64 256 1024 --device cuda --offload --repeats 3 --json "$out/bench_resnet18.json" \
+    2>&1 | tee "$out/bench_resnet18.txt"
+timeout 45 python3 examples/bench_calibration.py --samples 64 256 1024 --device cuda \
+    --repeats 3 --json "$out/bench_small.json" 2>&1 | tee "$out/bench_small.txt"
+echo "total: $((SECONDS - start)) s"

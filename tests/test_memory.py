@@ -1,0 +1,207 @@
+"""Memory options: the estimate checked before calibration, offloading held values, and
+spatial subsampling of the normal equations' rows."""
+
+import copy
+
+import pytest
+import torch
+
+import fxkd
+from fxkd.align import align
+from fxkd.errors import ConfigError, MemoryBudgetError
+from fxkd.memory import estimate, peak_live_bytes
+from fxkd.passes import CalibrateAdapters, GraphRunner, InsertAdapters
+from fxkd.trace import trace
+
+from models import make, plant, prune_internal_resnet
+
+
+def _prepared(name, mode, n=128):
+    teacher, shape = make(name)
+    student = plant(teacher)
+    x = torch.randn(n, *shape)
+    t_gm, ref = trace(teacher, x[:32]), trace(student, x[:32])
+    s_gm = trace(copy.deepcopy(student), x[:32])
+    InsertAdapters(align(t_gm, s_gm), mode)(s_gm)
+    return t_gm, s_gm, ref, x
+
+
+def test_peak_live_bytes_of_a_chain():
+    """Straight chain: the peak is the largest pair of consecutive values (an op's input and
+    output are alive together); per sample, fp32."""
+    model = torch.nn.Sequential(
+        torch.nn.Linear(10, 100), torch.nn.ReLU(), torch.nn.Linear(100, 20), torch.nn.ReLU()
+    )
+    gm = trace(model, torch.randn(7, 10))
+    assert peak_live_bytes(gm) == (100 + 100) * 4
+
+
+@pytest.mark.parametrize("mode", ["pointwise", "kernel"])
+@pytest.mark.parametrize("name", ["vgg", "resnet"])
+def test_estimate_matches_what_the_runners_held(name, mode):
+    """The estimate of held activations is what the lockstep runners actually held at their
+    peaks (counted by storage), never below it and at most 1.5x; the run fits, so no error."""
+    t_gm, s_gm, ref, x = _prepared(name, mode)
+    cal = CalibrateAdapters(t_gm, x, fxkd.CompressConfig(mode=mode, progress=False), ref)
+    cal(s_gm)
+    measured = sum(cal.peak_held.values())
+    assert set(cal.peak_held) == {"teacher", "student", "reference"}
+    held = cal.memory.held["cpu"]
+    assert measured <= held <= 1.5 * measured, (held, cal.peak_held)
+    assert cal.memory.working > 0 and cal.memory.systems > 0
+
+
+def test_estimate_scales_with_samples_and_shrinks_with_offload_on_gpu_only():
+    t_gm, s_gm, ref, _ = _prepared("vgg", "kernel")
+    cfg = fxkd.CompressConfig(mode="kernel")
+    small, large = (estimate(t_gm, s_gm, n, cfg, ref) for n in (100, 400))
+    assert large.held["cpu"] == pytest.approx(4 * small.held["cpu"], rel=1e-6)
+    assert large.working == small.working  # one chunk, whatever the number of samples
+    subsampled = estimate(t_gm, s_gm, 100, cfg.replace(subsample=0.25), ref)
+    assert subsampled.working < small.working
+    pointwise = estimate(t_gm, s_gm, 100, cfg.replace(mode="pointwise"), ref)
+    assert pointwise.systems < small.systems
+    # offload on a CPU calibration changes nothing: the values are in CPU memory already
+    assert estimate(t_gm, s_gm, 100, cfg.replace(offload=True), ref).held == small.held
+
+
+def test_too_large_a_calibration_fails_before_any_work(monkeypatch):
+    """A memory_limit below the estimate raises MemoryBudgetError naming the options that
+    help, before any runner is built (no layer has run on the samples); the student is
+    untouched."""
+    teacher, shape = make("resnet")
+    student, maps = prune_internal_resnet(teacher)
+    before = copy.deepcopy(student.state_dict())
+    runners = []
+    init = GraphRunner.__init__
+    monkeypatch.setattr(
+        GraphRunner, "__init__", lambda self, *a, **k: runners.append(1) or init(self, *a, **k)
+    )
+    with pytest.raises(MemoryBudgetError) as info:
+        fxkd.compress(
+            teacher,
+            student,
+            torch.randn(256, *shape),
+            channel_maps=maps,
+            memory_limit=1 << 20,
+            chunk_size=256,
+            progress=False,
+        )
+    msg = str(info.value)
+    assert "needs about" in msg and "on cpu" in msg and "Hint:" in msg, msg
+    assert "chunk_size" in msg and "mode='pointwise'" in msg, msg
+    # one chunk alone exceeds the limit: fewer samples would not help, so not offered; nor is
+    # offloading on a CPU calibration
+    assert "num_samples=" not in msg and "offload" not in msg, msg
+    assert runners == []
+    after = student.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+
+
+def test_fitting_hint_gives_a_sample_count_that_fits():
+    t_gm, s_gm, ref, x = _prepared("vgg", "pointwise", n=256)
+    cfg = fxkd.CompressConfig(mode="pointwise", progress=False)
+    est = estimate(t_gm, s_gm, 256, cfg, ref)
+    limit = est.working + est.systems + est.held["cpu"] // 2
+    with pytest.raises(MemoryBudgetError) as info:
+        CalibrateAdapters(t_gm, x, cfg.replace(memory_limit=limit), ref)(s_gm)
+    fits = int(str(info.value).split("num_samples=")[1].split()[0])
+    assert 100 <= fits <= 128
+    assert estimate(t_gm, s_gm, fits, cfg, ref).on("cpu") <= limit
+
+
+@pytest.mark.parametrize("bad", [0, -0.5, 1.5, "half"])
+def test_subsample_must_be_a_share(bad):
+    with pytest.raises(ConfigError, match="subsample"):
+        fxkd.CompressConfig(subsample=bad)
+
+
+def test_memory_limit_must_be_positive():
+    with pytest.raises(ConfigError, match="memory_limit"):
+        fxkd.CompressConfig(memory_limit=-1)
+
+
+@pytest.mark.parametrize("mode", ["pointwise", "kernel"])
+def test_subsampled_positions_still_recover_a_planted_solution(mode):
+    """A planted solution is exact on any subset of rows with enough of them: with a quarter
+    of the positions the recovery stays exact, and each system saw a quarter of the rows."""
+    teacher, shape = make("vgg")
+    student = plant(teacher)
+    calib, held_out = torch.randn(256, *shape), torch.randn(64, *shape)
+    full = fxkd.compress(teacher, student, calib, mode=mode, ridge=1e-9, progress=False)
+    quarter = fxkd.compress(
+        teacher, student, calib, mode=mode, ridge=1e-9, subsample=0.25, progress=False
+    )
+    with torch.no_grad():
+        expected, after = teacher(held_out), quarter.model(held_out)
+        assert float((after - expected).norm() / expected.norm()) < 1e-4
+        assert float((full.model(held_out) - expected).norm() / expected.norm()) < 1e-4
+
+
+@pytest.mark.parametrize("mode", ["pointwise", "kernel"])
+def test_subsample_takes_that_share_of_conv_rows_only(mode):
+    t_gm, s_gm, _, x = _prepared("vgg", mode)
+    records = {}
+    for share in (1.0, 0.25):
+        gm = copy.deepcopy(s_gm)
+        cal = CalibrateAdapters(t_gm, x, fxkd.CompressConfig(subsample=share, progress=False))
+        cal(gm)
+        records[share] = cal.records
+    conv = 0
+    for name, full in records[1.0].items():
+        quarter = records[0.25][name]
+        if gm.get_submodule(name).dims > 0:  # conv sites: a quarter of each chunk's positions
+            conv += 1
+            assert full.rows // 4 <= quarter.rows <= full.rows // 4 + len(x), (name, quarter)
+        else:  # fully-connected sites (the classifier) keep every row
+            assert quarter.rows == full.rows
+    assert conv >= 2
+
+
+def test_offload_on_cpu_changes_nothing():
+    teacher, shape = make("resnet")
+    student, maps = prune_internal_resnet(teacher)
+    x = torch.randn(96, *shape)
+    kw = {"channel_maps": maps, "progress": False, "chunk_size": 32}
+    plain = fxkd.compress(teacher, student, x, **kw)
+    offloaded = fxkd.compress(teacher, student, x, offload=True, **kw)
+    a, b = plain.model.state_dict(), offloaded.model.state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("mode", ["pointwise", "kernel"])
+def test_offload_on_cuda_gives_the_same_adapters_with_less_device_memory(mode):
+    """Offloaded held values (pinned CPU memory, one chunk at a time on the GPU) give the
+    adapters of the plain GPU run; the GPU's peak allocation is lower."""
+    teacher, shape = make("resnet")
+    student, maps = prune_internal_resnet(teacher)
+    teacher, student = teacher.cuda(), student.cuda()
+    x = torch.randn(512, *shape)
+    kw = {"channel_maps": maps, "progress": False, "chunk_size": 32, "mode": mode}
+    peaks, states = [], []
+    for offload in (False, True):
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+        result = fxkd.compress(teacher, student, x, offload=offload, **kw)
+        torch.cuda.synchronize()
+        peaks.append(torch.cuda.max_memory_allocated() - base)
+        states.append(result.model.state_dict())
+    for k in states[0]:
+        torch.testing.assert_close(states[1][k], states[0][k], rtol=1e-5, atol=1e-6)
+    assert peaks[1] < peaks[0], peaks
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_runner_offload_keeps_values_in_pinned_host_memory():
+    gm = trace(torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU()).cuda())
+    chunks = [torch.randn(3, 4, device="cuda") for _ in range(2)]
+    last = [n for n in gm.graph.nodes if n.op == "call_module"][-1]
+    runner = GraphRunner(gm, chunks, pinned=[last], offload=True)
+    out = runner.finish()
+    assert all(v.device.type == "cpu" and v.is_pinned() for v in runner.value(last))
+    assert runner.chunk(last, 0).device.type == "cuda"
+    torch.testing.assert_close(out[0].cuda(), gm(chunks[0]))
