@@ -32,7 +32,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-__all__ = ["Conditioning", "NormalEquations"]
+__all__ = ["Conditioning", "NormalEquations", "all_reduce_sum"]
 
 log = logging.getLogger(__name__)
 
@@ -156,9 +156,8 @@ class NormalEquations:
 
     def all_reduce(self) -> None:
         """Sum the statistics over ranks when torch.distributed is initialised."""
-        if dist.is_available() and dist.is_initialized():
-            for t in (self.gram, self.cross):
-                dist.all_reduce(t)
+        self.gram = all_reduce_sum(self.gram)
+        self.cross = all_reduce_sum(self.cross)
 
     def conditioning(self) -> Conditioning:
         """Dead and dependent features and a condition bound of the accumulated features."""
@@ -209,6 +208,21 @@ class NormalEquations:
             )
             w[bad] = _pinv_solve(a[bad], rhs[bad])
         return w
+
+
+def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
+    """``t`` summed over ranks when torch.distributed is initialised (else ``t``), reduced on
+    the device the process group's backend takes (NCCL: this rank's GPU; gloo: the CPU) and
+    returned on ``t``'s device."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return t
+    if dist.get_backend() == "nccl":
+        where = torch.device("cuda", torch.cuda.current_device())
+    else:
+        where = torch.device("cpu")
+    buf = t.to(where)
+    dist.all_reduce(buf)
+    return buf.to(t.device)
 
 
 def _shifted(v: torch.Tensor, shift64: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:

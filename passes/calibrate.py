@@ -34,7 +34,7 @@ from tqdm.auto import tqdm
 from fxkd.config import CompressConfig
 from fxkd.errors import CalibrationError
 from fxkd.fold import compose_pointwise, effective_affine
-from fxkd.lstsq import Conditioning, NormalEquations
+from fxkd.lstsq import Conditioning, NormalEquations, all_reduce_sum
 from fxkd.memory import MemoryEstimate, check_fits
 from fxkd.memory import estimate as estimate_memory
 from fxkd.nodes import redo_steps, undo_steps
@@ -376,7 +376,7 @@ class CalibrateAdapters(FxkdPass):
                 eqs.rows,
                 unknowns,
             )
-        priors = [m.prior() for m in members]
+        priors = [m.prior().to(eqs.gram.device) for m in members]
         prior = torch.cat([p[:, :s] for p, s in zip(priors, sizes, strict=True)], dim=1)
         if bias:
             bias_row = next((p[:, -1:] for p, m in zip(priors, members, strict=True) if m.bias))
@@ -426,12 +426,13 @@ def _groups(gm: fx.GraphModule) -> dict[fx.Node, list[_Member]]:
 
 def _rel_error(values: list[torch.Tensor], targets: list[torch.Tensor]) -> float:
     """``Σ||y − v||² / Σ||y||²`` over chunks (and over ranks when torch.distributed runs)."""
-    sums = torch.zeros(2, dtype=torch.float64)
+    sums = None
     for v, y in zip(values, targets, strict=True):
-        sums[0] += float(torch.linalg.vector_norm(y - v.to(y)).double() ** 2)
-        sums[1] += float(torch.linalg.vector_norm(y).double() ** 2)
-    if dist.is_available() and dist.is_initialized():
-        dist.all_reduce(sums)
+        if sums is None:  # on the targets' device: one synchronisation, at the end
+            sums = torch.zeros(2, dtype=torch.float64, device=y.device)
+        sums[0] += torch.linalg.vector_norm(y - v.to(y)).double() ** 2
+        sums[1] += torch.linalg.vector_norm(y).double() ** 2
+    sums = all_reduce_sum(sums)
     return float(sums[0] / sums[1].clamp_min(1e-300))
 
 
@@ -477,11 +478,7 @@ def _global_rows(targets: list[torch.Tensor], channel_dim: int, share: float = 1
         if share < 1.0:  # positions kept per sample
             rows = t.shape[0] * max(1, math.ceil(share * (rows // t.shape[0])))
         count += rows
-    if dist.is_available() and dist.is_initialized():
-        total = torch.tensor([count], dtype=torch.float64)
-        dist.all_reduce(total)
-        count = int(total.item())
-    return count
+    return int(all_reduce_sum(torch.tensor([count], dtype=torch.float64)).item())
 
 
 def _non_finite(where: str) -> str:
