@@ -137,8 +137,8 @@ class NormalEquations:
         mu64, nu64 = (t.to(x.device)[:, None, :] for t in self._shift)  # (P, 1, D), (P, 1, K)
         xc = _shifted(x, mu64, dtype)  # (P, D, rows)
         yc = _shifted(y, nu64, dtype)  # (P, K, rows)
-        sx = xc.sum(dim=-1, dtype=torch.float64)[:, None, :]  # (P, 1, D)
-        sy = yc.sum(dim=-1, dtype=torch.float64)[:, None, :]
+        sx = xc.sum(dim=-1).double()[:, None, :]  # (P, 1, D); small: centred data
+        sy = yc.sum(dim=-1).double()[:, None, :]
         mut = mu64.transpose(-1, -2)
         gxx = (xc @ xc.transpose(-1, -2)).double() + sx.transpose(-1, -2) @ mu64 + mut @ sx
         gxy = (xc @ yc.transpose(-1, -2)).double() + sx.transpose(-1, -2) @ nu64 + mut @ sy

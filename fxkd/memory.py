@@ -64,21 +64,32 @@ class MemoryEstimate:
         )
 
 
-def peak_live_bytes(gm: fx.GraphModule) -> int:
+def peak_live_bytes(gm: fx.GraphModule, deferred: dict[fx.Node, fx.Node] | None = None) -> int:
     """Per-sample bytes at the peak of ``gm``'s live values, each freed after its last user
-    (GraphRunner's policy). Nodes without shapes take their first input's (inserted adapters
-    keep their input's shape)."""
-    nodes = list(gm.graph.nodes)
+    (GraphRunner's policy). ``deferred`` maps nodes that run late to the node they run just
+    before (an unsolved adapter and its seen-through steps wait for their solve point, so
+    their inputs stay alive until then). Nodes without shapes take their first input's
+    (inserted adapters keep their input's shape)."""
+    deferred = deferred or {}
+    index = {n: i for i, n in enumerate(gm.graph.nodes)}
+    order = sorted(index, key=lambda n: index[deferred[n]] - 0.5 if n in deferred else index[n])
+    position = {n: i for i, n in enumerate(order)}
     sizes = _per_sample_sizes(gm)
-    last_use = {n: i for i, n in enumerate(nodes)}
-    for i, n in enumerate(nodes):
+    root = {}  # a view or an in-place result shares its input's storage: one allocation
+    for n in order:
+        aliases = _aliases_input(gm, n) and n.all_input_nodes
+        root[n] = root.get(n.all_input_nodes[0], n) if aliases else n
+        if root[n] is not n:
+            sizes[n] = 0
+    last_use = dict(position)
+    for n in order:
         for a in n.all_input_nodes:
-            last_use[a] = max(last_use[a], i)
+            last_use[root[a]] = max(last_use[root[a]], position[n])
     live, peak = 0, 0
     dying: dict[int, list[fx.Node]] = {}
-    for n in nodes:
+    for n in order:
         dying.setdefault(last_use[n], []).append(n)
-    for i, n in enumerate(nodes):
+    for i, n in enumerate(order):
         live += sizes.get(n, 0)
         peak = max(peak, live)
         for d in dying.get(i, []):
@@ -98,13 +109,23 @@ def estimate(
     from fxkd.passes.adapter import ADAPTER_TYPES
 
     device = torch.device(config.device) if config.device else module_device(student)
+    nodes = {n.name: n for n in student.graph.nodes}
+    deferred = {}
+    for node in student.graph.nodes:
+        module = student.get_submodule(str(node.target)) if node.op == "call_module" else None
+        if isinstance(module, ADAPTER_TYPES):
+            site = module.pair.site
+            point = node if site.point == site.anchor else nodes.get(site.point, node)
+            if point is not node:  # solved at a later point (a residual add): waits for it
+                deferred[node] = point
+                deferred.update({nodes[s]: point for s in site.steps if s in nodes})
     held: dict[str, int] = {}
-    for gm in (teacher, student, reference):
+    for gm, late in ((teacher, None), (student, deferred), (reference, None)):
         if gm is None:
             continue
         where = module_device(gm)
         key = "cpu" if config.offload and where.type != "cpu" else _key(where)
-        held[key] = held.get(key, 0) + peak_live_bytes(gm) * num_samples
+        held[key] = held.get(key, 0) + peak_live_bytes(gm, late) * num_samples
     chunk = min(config.chunk_size, num_samples)
     sizes = {**_per_sample_sizes(teacher), **_per_sample_sizes(student)}
     largest = math.ceil(max(sizes.values(), default=0) * chunk * 3)  # inputs and output
@@ -189,6 +210,19 @@ def _remedies(est: MemoryEstimate, device: str, limit: int, config: CompressConf
         out.append("mode='pointwise' solves smaller systems on smaller features")
     out.append("memory_limit= overrides the free memory detected")
     return out
+
+
+_VIEWS = {"view", "flatten", "permute", "transpose", "squeeze", "unsqueeze", "expand"}
+
+
+def _aliases_input(gm: fx.GraphModule, node: fx.Node) -> bool:
+    """True when the node's value shares its first input's storage: an in-place module
+    (``nn.ReLU(inplace=True)``), an ``inplace=True`` call, or a view method."""
+    if node.op == "call_module":
+        return bool(getattr(gm.get_submodule(str(node.target)), "inplace", False))
+    if node.op == "call_function":
+        return bool(node.kwargs.get("inplace")) or node.target is torch.flatten
+    return node.op == "call_method" and node.target in _VIEWS
 
 
 def _per_sample_sizes(gm: fx.GraphModule) -> dict[fx.Node, float]:

@@ -40,14 +40,14 @@ def test_peak_live_bytes_of_a_chain():
 @pytest.mark.parametrize("name", ["vgg", "resnet"])
 def test_estimate_matches_what_the_runners_held(name, mode):
     """The estimate of held activations is what the lockstep runners actually held at their
-    peaks (counted by storage), never below it and at most 1.5x; the run fits, so no error."""
+    peaks (counted by storage), never below it and at most 1.1x; the run fits, so no error."""
     t_gm, s_gm, ref, x = _prepared(name, mode)
     cal = CalibrateAdapters(t_gm, x, fxkd.CompressConfig(mode=mode, progress=False), ref)
     cal(s_gm)
     measured = sum(cal.peak_held.values())
     assert set(cal.peak_held) == {"teacher", "student", "reference"}
     held = cal.memory.held["cpu"]
-    assert measured <= held <= 1.5 * measured, (held, cal.peak_held)
+    assert measured <= held <= 1.1 * measured, (held, cal.peak_held)
     assert cal.memory.working > 0 and cal.memory.systems > 0
 
 
