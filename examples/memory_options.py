@@ -80,7 +80,7 @@ def main() -> None:
                             progress=False,
                         )
                         secs.append(time.perf_counter() - start)
-                        accs.append(accuracy(result.model, *test))
+                        accs.append(100 * accuracy(result.model, *test))
                         working = result.memory.working
                     t = statistics.median(secs)
                     base = base or t

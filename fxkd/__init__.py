@@ -13,6 +13,7 @@ from fxkd.errors import (
     DataError,
     EmptyLoaderError,
     FxkdError,
+    MemoryBudgetError,
     OnnxValidationError,
     TraceError,
 )
@@ -28,6 +29,7 @@ __all__ = [
     "DataError",
     "EmptyLoaderError",
     "FxkdError",
+    "MemoryBudgetError",
     "OnnxValidationError",
     "TraceError",
     "compress",
