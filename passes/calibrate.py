@@ -51,11 +51,6 @@ __all__ = ["CalibrateAdapters", "SiteRecord"]
 log = logging.getLogger(__name__)
 
 
-STATISTICS_FLOOR = 1e-4
-"""Identity errors read off the normal equations carry about 1e-7 absolute noise (fp32
-products); below this they are measured on the values instead."""
-
-
 @dataclass
 class SiteRecord:
     """What calibration measured at one adapter (relative squared errors on the samples).
@@ -159,11 +154,6 @@ class CalibrateAdapters(FxkdPass):
     to report its error at every point. Results per adapter are in ``self.records``; the memory
     estimate checked before the run in ``self.memory`` (MemoryBudgetError when it cannot fit),
     the bytes each runner actually held at its peak in ``self.peak_held``."""
-
-    errors_from_statistics = True
-    """Read the identity error off the normal equations where they see the point's rows in
-    the point's space (no seen-through steps, no subsampling, one joint system); False takes a
-    pass over the values everywhere (the reference the tests compare with)."""
 
     def __init__(
         self,
@@ -278,14 +268,8 @@ class CalibrateAdapters(FxkdPass):
         own = member_nodes | set(steps)  # the point's operands that the adapters produce
         residual = [a for a in point.all_input_nodes if a not in own]
         residual_node = residual[0] if point not in own and residual else None
+        err_before = self._identity_error(student, members, residual_node, targets, steps)
         share = self.config.subsample if members[0].module.dims > 0 else 1.0
-        joint = len(members) == 1 or all(m.groups == 1 for m in members)
-        # the identity error comes from the normal equations when they see exactly the point's
-        # rows in the point's space; else it takes a pass over the values
-        from_stats = self.errors_from_statistics and joint and not steps and share >= 1.0
-        err_before = None
-        if not from_stats:
-            err_before = self._identity_error(student, members, residual_node, targets, steps)
         sample_rows = _global_rows(teacher.value(target_node), channel_dim, share)
         for m in members:
             if not m.pointwise and sample_rows < m.kernel_unknowns():
@@ -296,23 +280,16 @@ class CalibrateAdapters(FxkdPass):
                     sample_rows,
                     m.kernel_unknowns(),
                 )
-        target_sq = None
-        if joint:
-            rows_seen, unknowns, cond, moments = self._solve_jointly(
-                student, members, residual_node, targets, steps, moments=from_stats
+        if len(members) == 1 or all(m.groups == 1 for m in members):
+            rows_seen, unknowns, cond = self._solve_jointly(
+                student, members, residual_node, targets, steps
             )
-            if from_stats:
-                err_before, target_sq = moments
-                if err_before < STATISTICS_FLOOR:  # too close to the cancellation noise
-                    err_before = self._identity_error(
-                        student, members, residual_node, targets, steps
-                    )
         else:  # residual add of grouped producers: block-coordinate descent over the members
             rows_seen = unknowns = 0
             conds = []
             for m in members:
                 others = [o for o in members if o is not m]
-                rows_seen, u, c, _ = self._solve_jointly(
+                rows_seen, u, c = self._solve_jointly(
                     student, [m], residual_node, targets, steps, extra=others
                 )
                 unknowns += u
@@ -326,11 +303,11 @@ class CalibrateAdapters(FxkdPass):
             student.run_node(step)
         if point not in own:
             student.run_node(point)
-        err_after = _rel_error(student.value(point), targets, target_sq)
+        err_after = _rel_error(student.value(point), targets)
         err_given = None
         if reference is not None:
             r_node = next(n for n in reference.nodes if n.name == pair.site.point)
-            err_given = _rel_error(reference.run_through(r_node), targets, target_sq)
+            err_given = _rel_error(reference.run_through(r_node), targets)
             reference.unpin(r_node)
         for m in members:
             self.records[str(m.node.target)] = SiteRecord(
@@ -357,36 +334,19 @@ class CalibrateAdapters(FxkdPass):
             values.append(v)
         return _rel_error(values, targets)
 
-    def _solve_jointly(
-        self, student, members, residual_node, targets, steps, extra=(), moments=False
-    ):
-        """One least-squares system over the members' features (concatenated when several).
-
-        Returns (rows, unknowns, conditioning, moments); with ``moments``, the last is the
-        identity adapters' relative error and Σ||t||², read off the normal equations: with
-        Y = t − residual, the features X (bias column included) and W0 the student as it is
-        (identity Q / present kernel, the members' shifts summed in the bias row),
-
-            Σ||Y − X W0||² = Σ||Y||² − 2 tr(W0ᵀ XᵀY) + tr(W0ᵀ XᵀX W0)
-
-        which saves a pass over the point's values (fp64 sums of fp32 products: about 1e-7 of
-        Σ||Y||² absolute, ample for an error before the solve)."""
+    def _solve_jointly(self, student, members, residual_node, targets, steps, extra=()):
+        """One least-squares system over the members' features (concatenated when several)."""
         g = members[0].groups
         dims = members[0].module.dims
         bias = any(m.bias for m in members)
         sizes = [m.feature_size() for m in members]
         channels = members[0].module.pair.site.channels
         eqs = NormalEquations(g, sum(sizes), channels // g, bias=bias, device=targets[0].device)
-        squares = torch.zeros(2, dtype=torch.float64, device=eqs.gram.device)  # Σ||t||², Σ||Y||²
         for i, y in enumerate(targets):
             feats = [m.features(student, i) for m in members]
             feats = feats[0] if len(feats) == 1 else torch.cat(feats, dim=2)
-            if moments:
-                squares[0] += torch.linalg.vector_norm(y).double() ** 2
             if residual_node is not None:
                 y = y - student.chunk(residual_node, i)
-            if moments:
-                squares[1] += torch.linalg.vector_norm(y).double() ** 2
             for o in extra:  # other members held fixed at their current output
                 y = y - o.module(*[student.chunk(a, i) for a in o.node.args])
             y = blocks(undo_steps(student.gm, steps, y), dims, g)
@@ -436,23 +396,7 @@ class CalibrateAdapters(FxkdPass):
         for m, size in zip(members, sizes, strict=True):
             m.write(w[:, offset : offset + size], biases.get(id(m)))
             offset += size
-        if not moments:
-            return eqs.rows, unknowns, conditioning, None
-        squares = all_reduce_sum(squares)
-        w0 = prior.clone()
-        if bias:  # the identity output carries every member's shift
-            w0[:, -1, :] = sum(p[:, -1, :] for p, m in zip(priors, members, strict=True) if m.bias)
-        residual_sq = squares[1] - 2 * (w0 * eqs.cross).sum() + (w0 * (eqs.gram @ w0)).sum()
-        total = float(squares[0])
-        return (
-            eqs.rows,
-            unknowns,
-            conditioning,
-            (
-                max(float(residual_sq), 0.0) / max(total, 1e-300),
-                total,
-            ),
-        )
+        return eqs.rows, unknowns, conditioning
 
 
 def _groups(gm: fx.GraphModule) -> dict[fx.Node, list[_Member]]:
@@ -480,21 +424,16 @@ def _groups(gm: fx.GraphModule) -> dict[fx.Node, list[_Member]]:
     return dict(sorted(groups.items(), key=lambda kv: order[kv[0]]))
 
 
-def _rel_error(
-    values: list[torch.Tensor], targets: list[torch.Tensor], target_sq: float | None = None
-) -> float:
-    """``Σ||y − v||² / Σ||y||²`` over chunks (and over ranks when torch.distributed runs);
-    ``target_sq``, when known (global), is the denominator."""
+def _rel_error(values: list[torch.Tensor], targets: list[torch.Tensor]) -> float:
+    """``Σ||y − v||² / Σ||y||²`` over chunks (and over ranks when torch.distributed runs)."""
     sums = None
     for v, y in zip(values, targets, strict=True):
         if sums is None:  # on the targets' device: one synchronisation, at the end
             sums = torch.zeros(2, dtype=torch.float64, device=y.device)
         sums[0] += torch.linalg.vector_norm(y - v.to(y)).double() ** 2
-        if target_sq is None:
-            sums[1] += torch.linalg.vector_norm(y).double() ** 2
+        sums[1] += torch.linalg.vector_norm(y).double() ** 2
     sums = all_reduce_sum(sums)
-    denominator = sums[1] if target_sq is None else torch.tensor(target_sq, dtype=torch.float64)
-    return float(sums[0] / denominator.clamp_min(1e-300))
+    return float(sums[0] / sums[1].clamp_min(1e-300))
 
 
 class _Targets(Sequence):
