@@ -21,6 +21,7 @@ from fxkd.memory import MemoryEstimate
 from fxkd.onnx import ValidationReport, export_onnx, exported_elements, validate_onnx
 from fxkd.passes import CalibrateAdapters, FoldAdapters, FoldBatchNorm, InsertAdapters
 from fxkd.placement import module_device, module_dtype, to_module
+from fxkd.polish import polish
 from fxkd.report import BlockRow, Report
 from fxkd.students import channel_maps_of
 from fxkd.trace import trace
@@ -111,6 +112,18 @@ def compress(
     }
     fold = FoldAdapters()
     fold(student_gm)
+    if cfg.polish_steps:
+        student_gm = polish(
+            teacher_gm,
+            student_gm,
+            samples,
+            alignment,
+            steps=cfg.polish_steps,
+            lr=cfg.polish_lr,
+            batch_size=cfg.chunk_size,
+            seed=cfg.seed,
+            progress=cfg.progress,
+        )
     if cfg.fold_batchnorm:
         FoldBatchNorm()(student_gm)
     student_gm.eval()

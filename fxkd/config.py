@@ -52,6 +52,11 @@ class CompressConfig:
             offloading); default: what the device reports free. A calibration whose estimate
             (``fxkd.memory.estimate``) exceeds it stops before any work, with the options that
             would make it fit.
+        polish_steps: after the closed form, this many steps of the label-free gradient polish
+            (``fxkd.polish``: Adam on the teacher-normalised squared error at every aligned
+            point, BatchNorm frozen; shapes unchanged). 0 (default): closed form only. The
+            report's errors are the closed form's.
+        polish_lr: the polish's learning rate.
         progress: show tqdm progress bars.
         onnx_atol, onnx_rtol: tolerances of the onnxruntime parity check.
     """
@@ -70,6 +75,8 @@ class CompressConfig:
     offload: bool = False
     subsample: float = 1.0
     memory_limit: int | None = None
+    polish_steps: int = 0
+    polish_lr: float = 1e-3
     progress: bool = True
     onnx_atol: float = 1e-4
     onnx_rtol: float = 1e-3
@@ -91,6 +98,10 @@ class CompressConfig:
             isinstance(self.memory_limit, int) and self.memory_limit > 0
         ):
             raise ConfigError(f"memory_limit={self.memory_limit!r} must be a positive byte count")
+        if not (isinstance(self.polish_steps, int) and self.polish_steps >= 0):
+            raise ConfigError(f"polish_steps={self.polish_steps!r} must be an int >= 0")
+        if not self.polish_lr > 0:
+            raise ConfigError(f"polish_lr={self.polish_lr!r} must be > 0")
         if self.ridge is not None and not self.ridge >= 0:
             raise ConfigError(f"ridge={self.ridge!r} must be >= 0 (a relative ridge, e.g. 1e-4)")
         for name, channels in self.channel_maps.items():
