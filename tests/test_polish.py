@@ -81,3 +81,19 @@ def test_polish_options_are_validated():
         fxkd.CompressConfig(polish_steps=-3)
     with pytest.raises(ConfigError, match="polish_lr"):
         fxkd.CompressConfig(polish_lr=0)
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_compress_with_polish_on_cuda():
+    teacher, shape = make("vgg")
+    student, maps = prune_internal_vgg(teacher, keep=0.5)
+    teacher, student = teacher.cuda(), student.cuda()
+    x, held_out = torch.randn(256, *shape), torch.randn(128, *shape).cuda()
+    kw = {"channel_maps": maps, "progress": False, "mode": "pointwise"}
+    closed = fxkd.compress(teacher, student, x, **kw)
+    polished = fxkd.compress(teacher, student, x, polish_steps=100, **kw)
+    assert next(polished.model.parameters()).device.type == "cuda"
+    with torch.no_grad():
+        target = teacher(held_out)
+        assert _rel(polished.model(held_out), target) < _rel(closed.model(held_out), target)
