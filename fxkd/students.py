@@ -68,6 +68,9 @@ def _importance(group, kind: str) -> torch.Tensor:
     return l1
 
 
+SCOPES = ("auto", "all", "internal")
+
+
 def prune(
     teacher: nn.Module,
     ratio: float,
@@ -75,19 +78,73 @@ def prune(
     importance: str = "l1",
     example_inputs: torch.Tensor,
     ignored_layers: list[nn.Module] | None = None,
+    scope: str = "auto",
 ) -> nn.Module:
     """A filter-pruned copy of ``teacher`` with ``ratio`` of each coupled channel group removed.
 
     importance: ``"l1"`` (Li et al., L1-norm filter pruning) or ``"bn"`` (Liu et al., network
     slimming: BatchNorm |γ|). ``ignored_layers`` keep their output width (default: the last
-    Linear, so the classifier keeps its classes). Block outputs are pruned too; coupled channels
-    stay consistent. The teacher is untouched."""
-    import torch_pruning as tp
+    Linear, so the classifier keeps its classes). The teacher is untouched.
 
+    scope: ``"all"`` prunes every coupled channel group, block outputs too, with
+    torch-pruning's dependency graph (ConfigError when it cannot analyse the model);
+    ``"internal"`` prunes only the channels internal to conv chains (``fxkd.chain_prune``:
+    block outputs keep their width; works where torch-pruning does not, e.g. ShuffleNet's
+    channel shuffle, RegNet's grouped bottlenecks); ``"auto"`` (default) is ``"all"``, falling
+    back to ``"internal"`` with a warning when torch-pruning fails."""
     if not 0.0 <= ratio < 1.0:
         raise ConfigError(f"ratio={ratio!r} must be in [0, 1)")
     if importance not in ("l1", "bn"):
         raise ConfigError(f"importance={importance!r} is not 'l1' or 'bn'")
+    if scope not in SCOPES:
+        raise ConfigError(f"scope={scope!r} is not one of {SCOPES}")
+    if scope == "internal":
+        return _prune_internal(teacher, ratio, importance, example_inputs, ignored_layers)
+    try:
+        return _prune_all(teacher, ratio, importance, example_inputs, ignored_layers)
+    except ConfigError as exc:
+        if scope == "all" or "torch-pruning could not" not in str(exc):
+            raise
+        student = _prune_internal(teacher, ratio, importance, example_inputs, ignored_layers)
+        log.warning(
+            "%s; pruned the internal channels of its conv chains instead (block outputs keep "
+            "their width; scope='internal')",
+            str(exc).split(". Hint")[0],
+        )
+        return student
+
+
+def _prune_internal(teacher, ratio, importance, example_inputs, ignored_layers) -> nn.Module:
+    """``scope="internal"``: fxkd.chain_prune on a copy; maps recorded like ``_prune_all``."""
+    from fxkd.chain_prune import prune_chains
+
+    student = copy.deepcopy(teacher).eval()
+    copies = dict(student.named_modules())
+    names = {m: n for n, m in teacher.named_modules()}
+    ignored = tuple(copies[names[m]] for m in (ignored_layers or []))
+    maps = prune_chains(student, ratio, importance, ignored)
+    if not maps:
+        raise ConfigError(
+            f"{type(teacher).__name__} has no internal conv chain to prune (conv -> [BN, "
+            "activation, depthwise conv] -> conv with one user at every step). Hint: prune it "
+            "with another tool; compress infers the kept channels or takes channel_maps="
+        )
+    try:
+        with torch.no_grad():
+            student(example_inputs)
+    except Exception as exc:  # a chain rule met a layer it does not model
+        raise ConfigError(
+            f"the internally pruned {type(teacher).__name__} fails on example_inputs "
+            f"({type(exc).__name__}: {exc}). Hint: pass the chain's layers as ignored_layers"
+        ) from exc
+    setattr(student, CHANNEL_MAPS_ATTR, maps)
+    return student
+
+
+def _prune_all(teacher, ratio, importance, example_inputs, ignored_layers) -> nn.Module:
+    """``scope="all"``: torch-pruning's coupled groups, fxkd's scores and kept indices."""
+    import torch_pruning as tp
+
     student = copy.deepcopy(teacher).eval()
     names = {m: n for n, m in student.named_modules()}
     if ignored_layers is None:

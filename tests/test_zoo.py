@@ -11,6 +11,7 @@ import pytest
 import torch
 
 import fxkd
+from fxkd.students import channel_maps_of, prune
 from fxkd.support import check_support
 
 from zoo_cases import ARCHS, KINDS, NO_BATCHNORM, build, make_case
@@ -22,7 +23,8 @@ DEFAULT = {
     ("vit", "l1"),
     ("resnet34", "depth"),
 }
-PRUNE_REFUSED = {"shufflenet_v2_x0_5", "regnet_x_400mf"}  # torch-pruning fails on them
+# torch-pruning cannot analyse these: prune() falls back to internal conv chains
+INTERNAL_ONLY = {"shufflenet_v2_x0_5", "regnet_x_400mf"}
 
 CASES = [(a, k) for a in ARCHS for k in KINDS if not (a in NO_BATCHNORM and k == "bn")]
 CASES.append(("resnet34", "depth"))
@@ -30,11 +32,7 @@ CASES.append(("resnet34", "depth"))
 
 @pytest.mark.parametrize(
     "arch,kind",
-    [
-        pytest.param(a, k, marks=() if (a, k) in DEFAULT else pytest.mark.slow)
-        for a, k in CASES
-        if not (a in PRUNE_REFUSED and k != "decouple")
-    ],
+    [pytest.param(a, k, marks=() if (a, k) in DEFAULT else pytest.mark.slow) for a, k in CASES],
 )
 def test_zoo_case(arch, kind):
     case = make_case(arch, kind)
@@ -52,10 +50,23 @@ def test_zoo_case(arch, kind):
     assert row.onnx_passed and row.onnx_same_size, result.onnx
 
 
-@pytest.mark.parametrize("arch", sorted(PRUNE_REFUSED))
-def test_prune_refuses_what_torch_pruning_cannot_analyse(arch):
+@pytest.mark.parametrize("arch", sorted(INTERNAL_ONLY))
+def test_prune_falls_back_to_internal_chains_where_torch_pruning_fails(arch, caplog):
+    """scope="all" refuses (torch-pruning cannot analyse the model); the default scope warns
+    and prunes the chains' internal channels: block outputs keep their width."""
+    teacher, shape = build(arch)
+    example = torch.randn(2, *shape)
     with pytest.raises(fxkd.ConfigError, match="torch-pruning could not"):
-        make_case(arch, "l1")
+        prune(teacher, 0.5, example_inputs=example, scope="all")
+    with caplog.at_level("WARNING"):
+        student = prune(teacher, 0.5, example_inputs=example)
+    assert "pruned the internal channels" in caplog.text
+    maps = channel_maps_of(student)
+    assert maps and sum(p.numel() for p in student.parameters()) < sum(
+        p.numel() for p in teacher.parameters()
+    )
+    with torch.no_grad():
+        assert student(example).shape == teacher(example).shape
 
 
 def test_depth_student_matches_every_stage_output():
