@@ -25,11 +25,12 @@ import copy
 import ctypes
 import json
 import statistics
+import sys
 import threading
 import time
+from pathlib import Path
 
 import torch
-from torch import nn
 
 import fxkd
 from fxkd.align import align
@@ -41,6 +42,9 @@ from fxkd.placement import full_precision
 from fxkd.students import prune
 from fxkd.trace import trace
 from fxkd.zoo import FashionResNet, FashionVGG
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+from models import randomize_bn
 
 PAIRS = ("vgg-style", "resnet-style", "resnet18", "resnet50")
 
@@ -68,19 +72,6 @@ class PerBlockCalibration(CalibrateAdapters):
         return torch.fx.passes.infra.pass_base.PassResult(gm, True)
 
 
-def _randomize_bn(model: nn.Module, seed: int = 0) -> nn.Module:
-    """Non-trivial BatchNorm statistics for a random-init torchvision model."""
-    g = torch.Generator().manual_seed(seed)
-    for m in model.modules():
-        if isinstance(m, nn.BatchNorm2d):
-            c = m.num_features
-            m.running_mean.copy_(torch.randn(c, generator=g) * 0.1)
-            m.running_var.copy_(torch.rand(c, generator=g) + 0.5)
-            m.weight.data.copy_(torch.rand(c, generator=g) + 0.5)
-            m.bias.data.copy_(torch.randn(c, generator=g) * 0.1)
-    return model.eval()
-
-
 def make_pair(name: str, size: int):
     """(teacher, student, input shape) for a pair name, student L1-pruned 50%."""
     torch.manual_seed(0)
@@ -90,7 +81,7 @@ def make_pair(name: str, size: int):
         return teacher, student, (1, size, size)
     import torchvision
 
-    teacher = _randomize_bn(getattr(torchvision.models, name)(weights=None))
+    teacher = randomize_bn(getattr(torchvision.models, name)(weights=None))
     # internal pruning: every block output (last conv of a block, downsample, stem) and the
     # classifier keep their width, the convs inside the blocks lose half their filters
     keep = [teacher.conv1, teacher.fc]

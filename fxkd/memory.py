@@ -106,19 +106,16 @@ def estimate(
 ) -> MemoryEstimate:
     """The memory a CalibrateAdapters run of ``student`` (adapters inserted) against
     ``teacher`` on ``num_samples`` samples (this rank's share) needs; see the module doc."""
-    from fxkd.passes.adapter import ADAPTER_TYPES
+    from fxkd.passes.adapter import adapter_points
 
     device = torch.device(config.device) if config.device else module_device(student)
     nodes = {n.name: n for n in student.graph.nodes}
+    adapters = adapter_points(student)
     deferred = {}
-    for node in student.graph.nodes:
-        module = student.get_submodule(str(node.target)) if node.op == "call_module" else None
-        if isinstance(module, ADAPTER_TYPES):
-            site = module.pair.site
-            point = node if site.point == site.anchor else nodes.get(site.point, node)
-            if point is not node:  # solved at a later point (a residual add): waits for it
-                deferred[node] = point
-                deferred.update({nodes[s]: point for s in site.steps if s in nodes})
+    for node, module, point in adapters:
+        if point is not None and point is not node:  # solved at a later point: waits for it
+            deferred[node] = point
+            deferred.update({nodes[s]: point for s in module.pair.site.steps if s in nodes})
     held: dict[str, int] = {}
     for gm, late in ((teacher, None), (student, deferred), (reference, None)):
         if gm is None:
@@ -130,12 +127,7 @@ def estimate(
     sizes = {**_per_sample_sizes(teacher), **_per_sample_sizes(student)}
     largest = math.ceil(max(sizes.values(), default=0) * chunk * 3)  # inputs and output
     working, systems = largest, 0
-    for node in student.graph.nodes:
-        if node.op != "call_module":
-            continue
-        module = student.get_submodule(str(node.target))
-        if not isinstance(module, ADAPTER_TYPES):
-            continue
+    for node, module, _ in adapters:
         site = module.pair.site
         producer = student.get_submodule(site.module)
         out_shape = _shape(node.args[0])

@@ -21,7 +21,7 @@ from torch import nn
 
 from fxkd.errors import ConfigError
 
-__all__ = ["CHANNEL_MAPS_ATTR", "channel_maps_of", "decouple", "prune"]
+__all__ = ["CHANNEL_MAPS_ATTR", "TorchPruningError", "channel_maps_of", "decouple", "prune"]
 
 log = logging.getLogger(__name__)
 CHANNEL_MAPS_ATTR = "fxkd_channel_maps"
@@ -71,6 +71,10 @@ def _importance(group, kind: str) -> torch.Tensor:
 SCOPES = ("auto", "all", "internal")
 
 
+class TorchPruningError(ConfigError):
+    """torch-pruning could not analyse or prune the model (``scope="auto"`` falls back)."""
+
+
 def prune(
     teacher: nn.Module,
     ratio: float,
@@ -102,8 +106,8 @@ def prune(
         return _prune_internal(teacher, ratio, importance, example_inputs, ignored_layers)
     try:
         return _prune_all(teacher, ratio, importance, example_inputs, ignored_layers)
-    except ConfigError as exc:
-        if scope == "all" or "torch-pruning could not" not in str(exc):
+    except TorchPruningError as exc:
+        if scope == "all":
             raise
         student = _prune_internal(teacher, ratio, importance, example_inputs, ignored_layers)
         log.warning(
@@ -156,7 +160,7 @@ def _prune_all(teacher, ratio, importance, example_inputs, ignored_layers) -> nn
     try:
         graph = tp.DependencyGraph().build_dependency(student, example_inputs=example_inputs)
     except Exception as exc:  # torch-pruning's tracer meets an op it cannot map
-        raise ConfigError(
+        raise TorchPruningError(
             f"torch-pruning could not analyse {type(teacher).__name__}'s channel dependencies "
             f"({type(exc).__name__}: {exc}). Hint: prune it with another tool; compress infers "
             "the kept channels from the BatchNorms or takes channel_maps="
@@ -189,7 +193,7 @@ def _prune_all(teacher, ratio, importance, example_inputs, ignored_layers) -> nn
         try:
             pruning.prune()
         except Exception as exc:  # torch-pruning's index bookkeeping fails on this group
-            raise ConfigError(
+            raise TorchPruningError(
                 f"torch-pruning could not prune the channel group of "
                 f"{names.get(root.target.module, '?')} in {type(teacher).__name__} "
                 f"({type(exc).__name__}: {exc}). Hint: prune it with another tool; compress "

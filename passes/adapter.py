@@ -19,7 +19,7 @@ from torch import nn
 
 from fxkd.align import SitePair
 
-__all__ = ["ADAPTER_TYPES", "KernelAdapter", "PointwiseAdapter"]
+__all__ = ["ADAPTER_TYPES", "KernelAdapter", "PointwiseAdapter", "adapter_points"]
 
 _CONV = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
 
@@ -83,3 +83,21 @@ class KernelAdapter(nn.Module):
 
 
 ADAPTER_TYPES = (PointwiseAdapter, KernelAdapter)
+
+
+def adapter_points(gm: torch.fx.GraphModule) -> list[tuple[torch.fx.Node, nn.Module, object]]:
+    """Every adapter call of ``gm`` with its module and the node where it is solved: the
+    adapter itself when its site's point is the site, else the site's point (a residual add
+    or a seen-through step further on); None when that node is not in the graph."""
+    nodes = {n.name: n for n in gm.graph.nodes}
+    found = []
+    for node in gm.graph.nodes:
+        if node.op != "call_module":
+            continue
+        module = gm.get_submodule(str(node.target))
+        if isinstance(module, ADAPTER_TYPES):
+            site = module.pair.site
+            found.append(
+                (node, module, node if site.point == site.anchor else nodes.get(site.point))
+            )
+    return found

@@ -42,7 +42,7 @@ from fxkd.patches import blocks, patch_blocks
 from fxkd.placement import full_precision, module_device, module_dtype
 from fxkd.trace import eval_mode, trace
 
-from .adapter import ADAPTER_TYPES, KernelAdapter, PointwiseAdapter
+from .adapter import KernelAdapter, PointwiseAdapter, adapter_points
 from .base import FxkdPass
 from .runner import GraphRunner
 
@@ -401,16 +401,9 @@ class CalibrateAdapters(FxkdPass):
 
 def _groups(gm: fx.GraphModule) -> dict[fx.Node, list[_Member]]:
     """Adapters grouped by the point where they are solved, in topological order."""
-    nodes = {n.name: n for n in gm.graph.nodes}
     groups: dict[fx.Node, list[_Member]] = {}
-    for node in gm.graph.nodes:
-        if node.op != "call_module":
-            continue
-        module = gm.get_submodule(str(node.target))
-        if not isinstance(module, ADAPTER_TYPES):
-            continue
+    for node, module, point in adapter_points(gm):
         site = module.pair.site
-        point = node if site.point == site.anchor else nodes.get(site.point)
         if point is None:
             raise CalibrationError(f"point {site.point} of adapter {node.name} is not in the graph")
         anchor = node.args[0]
