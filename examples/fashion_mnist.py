@@ -101,7 +101,7 @@ def train(student, loss_fn, samples, labels, val, seed=0):
         g = torch.Generator().manual_seed(seed)
         batch = min(64, len(samples))
         for step in range(1, max(CHECKPOINTS) + 1):
-            idx = torch.randperm(len(samples), generator=g)[:batch]
+            idx = torch.randperm(len(samples), generator=g)[:batch].to(samples.device)
             loss = loss_fn(model, samples[idx], None if labels is None else labels[idx], idx)
             opt.zero_grad(set_to_none=True)
             loss.backward()
@@ -114,63 +114,82 @@ def train(student, loss_fn, samples, labels, val, seed=0):
     return best, best_choice
 
 
+def _sync(device: torch.device) -> None:
+    """Wait for queued GPU work, so wall times measure the work and not its launch."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
 def run_methods(teacher, student, samples, labels, val, test, seed, methods):
-    out = {}
-    x_test, y_test = test
-    example = samples[:2]
+    """{method: accuracy, seconds, choice} plus "_reports" (fxkd's per-point errors). A method
+    that fails is logged with its traceback and left out (its cells read "–"), so one failure
+    does not cost the rest of a long grid."""
+    out, reports = {}, {}
     for method in methods:
-        start = time.perf_counter()
-        choice = None
-        if method == "none":
-            model = student
-        elif method.startswith("fxkd"):
-            mode = "pointwise" if method == "fxkd-pw" else "kernel"
-            result = fxkd.compress(
-                teacher,
-                student,
-                samples,
-                mode=mode,
-                num_samples=len(samples),
-                progress=False,
-                seed=seed,
-                polish_steps=POLISH_STEPS if method == "fxkd-polish" else 0,
+        try:
+            out[method] = run_method(
+                method, teacher, student, samples, labels, val, test, seed, reports
             )
-            model = result.model
-            out.setdefault("_reports", {})[method] = [
-                (r.student, r.err_given, r.err_after) for r in result.report.calibrated
-            ]
-        elif method == "finetune":
-            model, choice = train(
-                student,
-                lambda m, x, y, i: F.cross_entropy(m(x), y),
-                samples,
-                labels,
-                val,
-                seed=seed,
-            )
-        else:
-            t_gm, s_gm = trace(teacher, example), trace(student, example)
-            if method == "fitnet":
-                pairs = align(t_gm, s_gm, channel_maps=channel_maps_of(student)).pairs
-                t_names = [p.teacher_point for p in pairs]
-                s_names = [p.site.point for p in pairs]
-                maps = [p.channel_map for p in pairs]
-            else:
-                t_names, s_names, maps = [prepool_node(t_gm)], [prepool_node(s_gm)], [None]
-            with torch.no_grad():
-                t_feats, _ = tapped(teacher, t_names, example)(samples)
-                t_feats = [
-                    f if m is None else f[:, list(m)] for f, m in zip(t_feats, maps, strict=True)
-                ]
-
-            def hint(m, x, y, idx, s_names=s_names, t_feats=t_feats):
-                s_feats, _ = tapped_cache(m, s_names, example)(x)
-                return sum(F.mse_loss(s, t[idx]) for s, t in zip(s_feats, t_feats, strict=True))
-
-            model, choice = train(student, hint, samples, None, val, seed=seed)
-        seconds = time.perf_counter() - start
-        out[method] = {"acc": accuracy(model, x_test, y_test), "seconds": seconds, "choice": choice}
+        except Exception:
+            log.exception("%s failed", method)
+    if reports:
+        out["_reports"] = reports
     return out
+
+
+def run_method(method, teacher, student, samples, labels, val, test, seed, reports):
+    example = samples[:2]
+    _sync(samples.device)
+    start = time.perf_counter()
+    choice = None
+    if method == "none":
+        model = student
+    elif method.startswith("fxkd"):
+        mode = "pointwise" if method == "fxkd-pw" else "kernel"
+        result = fxkd.compress(
+            teacher,
+            student,
+            samples,
+            mode=mode,
+            num_samples=len(samples),
+            progress=False,
+            seed=seed,
+            polish_steps=POLISH_STEPS if method == "fxkd-polish" else 0,
+        )
+        model = result.model
+        reports[method] = [(r.student, r.err_given, r.err_after) for r in result.report.calibrated]
+    elif method == "finetune":
+        model, choice = train(
+            student,
+            lambda m, x, y, i: F.cross_entropy(m(x), y),
+            samples,
+            labels,
+            val,
+            seed=seed,
+        )
+    else:
+        t_gm, s_gm = trace(teacher, example), trace(student, example)
+        if method == "fitnet":
+            pairs = align(t_gm, s_gm, channel_maps=channel_maps_of(student)).pairs
+            t_names = [p.teacher_point for p in pairs]
+            s_names = [p.site.point for p in pairs]
+            maps = [p.channel_map for p in pairs]
+        else:
+            t_names, s_names, maps = [prepool_node(t_gm)], [prepool_node(s_gm)], [None]
+        with torch.no_grad():
+            t_feats, _ = tapped(teacher, t_names, example)(samples)
+            t_feats = [
+                f if m is None else f[:, list(m)] for f, m in zip(t_feats, maps, strict=True)
+            ]
+
+        def hint(m, x, y, idx, s_names=s_names, t_feats=t_feats):
+            s_feats, _ = tapped_cache(m, s_names, example)(x)
+            return sum(F.mse_loss(s, t[idx]) for s, t in zip(s_feats, t_feats, strict=True))
+
+        model, choice = train(student, hint, samples, None, val, seed=seed)
+    _sync(samples.device)
+    seconds = time.perf_counter() - start
+    return {"acc": accuracy(model, *test), "seconds": seconds, "choice": choice}
 
 
 _TAPS: dict[int, nn.Module] = {}
@@ -275,6 +294,17 @@ def stored_full_finetune() -> dict:
     return json.loads(path.read_text()) if path.exists() else {}
 
 
+def _grid(plt, panels: int, width: float, height: float, columns: int = 4) -> list:
+    """Axes of a figure with ``panels`` panels, ``columns`` to a row; spare axes hidden."""
+    cols = min(columns, panels)
+    rows = -(-panels // cols)
+    _, axes = plt.subplots(rows, cols, figsize=(width * cols, height * rows), squeeze=False)
+    flat = [ax for row in axes for ax in row]
+    for ax in flat[panels:]:
+        ax.set_visible(False)
+    return flat[:panels]
+
+
 def plot(path: Path, summary: dict, meta: dict) -> None:
     import matplotlib
 
@@ -282,8 +312,8 @@ def plot(path: Path, summary: dict, meta: dict) -> None:
     import matplotlib.pyplot as plt
 
     panels = [(t, s) for t in meta["students"] for s in meta["students"][t]]
-    fig, axes = plt.subplots(1, len(panels), figsize=(4 * len(panels), 3.5), squeeze=False)
-    for ax, (teacher, student) in zip(axes[0], panels, strict=True):
+    axes = _grid(plt, len(panels), 4, 3.5)
+    for ax, (teacher, student) in zip(axes, panels, strict=True):
         for method in METHODS:
             pts = sorted(
                 (k[2], v["mean"], v["std"])
@@ -298,7 +328,8 @@ def plot(path: Path, summary: dict, meta: dict) -> None:
         ax.set_title(f"{teacher} / {student}")
         ax.set_xlabel("unlabelled samples N")
         ax.set_ylabel("test accuracy")
-    axes[0][0].legend(fontsize=7)
+    axes[0].legend(fontsize=7)
+    fig = axes[0].figure
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -310,8 +341,9 @@ def plot_blocks(path: Path, reports: dict) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, len(reports), figsize=(6 * len(reports), 3.5), squeeze=False)
-    for ax, (title, methods) in zip(axes[0], reports.items(), strict=True):
+    axes = _grid(plt, len(reports), 6, 3.5)
+    fig = axes[0].figure
+    for ax, (title, methods) in zip(axes, reports.items(), strict=True):
         for k, (method, rows) in enumerate(methods.items()):
             names = [r[0] for r in rows]
             x = torch.arange(len(rows)).float()
@@ -383,23 +415,64 @@ def render_log(log_path: Path, args, command: str) -> int:
     return 0
 
 
-def _machine() -> str:
+def render_json(paths: list[Path], args) -> int:
+    """Tables (and, when merging, plots) from the .json of earlier runs; several runs of one
+    grid split over processes (disjoint teacher/student cells) merge into one."""
+    runs = [json.loads(p.read_text()) for p in paths]
+    if len(runs) == 1:
+        run = runs[0]
+        out, stem = paths[0].parent, paths[0].stem
+        write_outputs(out, stem, run["rows"], run["meta"], run.get("block_reports", {}))
+        return 0
+    meta = copy.deepcopy(runs[0]["meta"])
+    meta["command"] = (
+        f"{runs[0]['meta']['command']} (one of {len(runs)} runs split by --teachers/--students, "
+        f"merged with --from-json)"
+    )
+    meta["seeds"] = sorted({s for r in runs for s in r["meta"]["seeds"]})
+    for key in ("teacher_acc", "students", "params"):
+        for r in runs[1:]:
+            for teacher, value in r["meta"][key].items():
+                if key == "teacher_acc":
+                    meta[key][teacher] = value
+                elif key == "students":
+                    have = meta[key].setdefault(teacher, [])
+                    have += [s for s in value if s not in have]
+                else:
+                    meta[key].setdefault(teacher, {}).update(value)
+    rows = [row for r in runs for row in r["rows"]]
+    blocks = {k: v for r in runs for k, v in r.get("block_reports", {}).items()}
+    stem = "fashion_mnist" + (f"_{args.tag}" if args.tag else "")
+    write_outputs(Path(args.out), stem, rows, meta, blocks)
+    return 0
+
+
+def _machine(device: torch.device | None = None) -> str:
     import platform
 
-    return (
+    text = (
         f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, "
         f"torch {torch.__version__}"
     )
+    if device is not None and device.type == "cuda":
+        text += f", {torch.cuda.get_device_name(device)}"
+    return text
 
 
 def write_outputs(out: Path, stem: str, rows: list[dict], meta: dict, block_reports: dict) -> None:
     summary = summarize(rows)
     out.mkdir(parents=True, exist_ok=True)
-    (out / f"{stem}.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1) + "\n")
+    stored = {"meta": meta, "rows": rows, "block_reports": block_reports}
+    (out / f"{stem}.json").write_text(json.dumps(stored, indent=1) + "\n")
     write_markdown(out / f"{stem}.md", summary, meta)
-    plot(out / f"{stem}_accuracy.png", summary, meta)
-    if block_reports:
-        plot_blocks(out / f"{stem}_blocks.png", block_reports)
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        log.warning("matplotlib is not installed: no plots (tables and .json written)")
+    else:
+        plot(out / f"{stem}_accuracy.png", summary, meta)
+        if block_reports:
+            plot_blocks(out / f"{stem}_blocks.png", block_reports)
     print((out / f"{stem}.md").read_text())
 
 
@@ -413,6 +486,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--methods", nargs="+", default=METHODS, choices=METHODS)
     p.add_argument("--ratios", nargs=2, type=float, default=[0.5, 0.75])
     p.add_argument("--data-dir", default=None)
+    p.add_argument("--device", default="cpu", help="where every method runs (cpu, cuda, ...)")
     p.add_argument("--out", default=str(RESULTS))
     p.add_argument("--tag", default="", help="suffix of the output file names")
     p.add_argument(
@@ -423,17 +497,15 @@ def main(argv: list[str] | None = None) -> int:
     )
     p.add_argument(
         "--from-json",
+        nargs="+",
         default=None,
         help="rewrite the markdown tables of an earlier run from its .json (e.g. after "
-        "examples/full_finetune.py stored new ceilings) instead of running",
+        "examples/full_finetune.py stored new ceilings) instead of running; several files "
+        "(runs split over processes) are merged into fashion_mnist_<tag>",
     )
     args = p.parse_args(argv)
     if args.from_json:
-        path = Path(args.from_json)
-        stored = json.loads(path.read_text())
-        write_markdown(path.with_suffix(".md"), summarize(stored["rows"]), stored["meta"])
-        print(path.with_suffix(".md").read_text())
-        return 0
+        return render_json([Path(f) for f in args.from_json], args)
     if args.quick:
         args.teachers, args.samples, args.seeds = ["vgg"], [100], [0]
         args.students = args.students or ["l1-75"]
@@ -447,17 +519,34 @@ def main(argv: list[str] | None = None) -> int:
     xtr, ytr = load_fashion_mnist("train", args.data_dir)
     xte, yte = load_fashion_mnist("test", args.data_dir)
     xtr, xte = normalize(xtr), normalize(xte)
+    device = torch.device(args.device)
+    xtr, ytr, xte, yte = (t.to(device) for t in (xtr, ytr, xte, yte))
     pool_x, pool_y = xtr[:-5000], ytr[:-5000]
     val = (xtr[-5000:][:2000], ytr[-5000:][:2000])
     test = (xte, yte)
 
     rows, meta_students, params, teacher_acc, block_reports = [], {}, {}, {}, {}
+    stem = ("fashion_mnist_quick" if args.quick else "fashion_mnist") + (
+        f"_{args.tag}" if args.tag else ""
+    )
+    meta = {  # its dicts fill in as the run goes
+        "command": command,
+        "quick": args.quick,
+        "seeds": args.seeds,
+        "machine": _machine(device),
+        "teacher_acc": teacher_acc,
+        "students": meta_students,
+        "params": params,
+    }
+    partial = Path(args.out) / f"{stem}.partial.json"  # rows so far: a stopped run keeps them
     for tname in args.teachers:
         teacher = load_teacher(tname)
-        teacher_acc[tname] = accuracy(teacher, *test)
-        students = make_students(teacher, pool_x[:1], tuple(args.ratios))
+        students = make_students(teacher, pool_x[:1].cpu(), tuple(args.ratios))
         if args.students:
             students = {k: v for k, v in students.items() if k in args.students}
+        teacher = teacher.to(device)
+        students = {k: v.to(device) for k, v in students.items()}
+        teacher_acc[tname] = accuracy(teacher, *test)
         meta_students[tname] = list(students)
         params[tname] = {"teacher": sum(p.numel() for p in teacher.parameters())}
         for sname, student in students.items():
@@ -465,7 +554,7 @@ def main(argv: list[str] | None = None) -> int:
             for n in args.samples:
                 for seed in args.seeds:
                     g = torch.Generator().manual_seed(1000 * seed + n)
-                    idx = torch.randperm(len(pool_x), generator=g)[:n]
+                    idx = torch.randperm(len(pool_x), generator=g)[:n].to(device)
                     res = run_methods(
                         teacher, student, pool_x[idx], pool_y[idx], val, test, seed, args.methods
                     )
@@ -497,19 +586,12 @@ def main(argv: list[str] | None = None) -> int:
                             r["acc"],
                             r["seconds"],
                         )
-    stem = ("fashion_mnist_quick" if args.quick else "fashion_mnist") + (
-        f"_{args.tag}" if args.tag else ""
-    )
-    meta = {
-        "command": command,
-        "quick": args.quick,
-        "seeds": args.seeds,
-        "machine": _machine(),
-        "teacher_acc": teacher_acc,
-        "students": meta_students,
-        "params": params,
-    }
+                    partial.parent.mkdir(parents=True, exist_ok=True)
+                    partial.write_text(
+                        json.dumps({"meta": meta, "rows": rows, "block_reports": block_reports})
+                    )
     write_outputs(Path(args.out), stem, rows, meta, block_reports)
+    partial.unlink(missing_ok=True)
     return 0
 
 
