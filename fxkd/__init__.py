@@ -17,6 +17,7 @@ from fxkd.errors import (
     OnnxValidationError,
     TraceError,
 )
+from fxkd.polish import polish  # the function: ``fxkd.polish(...)`` as the README shows
 
 __version__ = "0.1.0"
 
@@ -34,4 +35,5 @@ __all__ = [
     "TraceError",
     "compress",
     "passes",
+    "polish",
 ]

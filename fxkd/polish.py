@@ -15,7 +15,7 @@ large-step polish can overfit N samples; the README reports it as its own row, w
 from __future__ import annotations
 
 import copy
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 import torch.fx as fx
@@ -61,6 +61,7 @@ def polish(
     batch_size: int = 64,
     seed: int = 0,
     progress: bool = True,
+    callback: Callable[[int, nn.Module], None] | None = None,
 ) -> nn.Module:
     """A polished copy of ``student`` (the argument is not modified).
 
@@ -71,6 +72,9 @@ def polish(
     points: ``compress``'s ``result.alignment`` (every aligned point, with its channel map) or
     ``[(student node, teacher node), ...]`` (e.g. the features before global pooling, as MiR
     does), with ``channel_maps`` (kept teacher channels per pair, or None) for pruned points.
+    callback: called as ``callback(step, model)`` after each step (1-based; the model is the
+    one being polished, in eval mode: evaluate it, do not train it), e.g. to log or to keep
+    checkpoints.
     """
     if steps < 0 or lr <= 0 or batch_size < 1:
         raise ConfigError(f"steps={steps}, lr={lr}, batch_size={batch_size}: need >= 0, > 0, >= 1")
@@ -103,7 +107,7 @@ def polish(
     g = torch.Generator().manual_seed(seed)
     samples = to_module(samples, model)
     batch = min(batch_size, len(samples))
-    for _ in tqdm(range(steps), desc="fxkd polish", unit="step", disable=not progress):
+    for step in tqdm(range(1, steps + 1), desc="fxkd polish", unit="step", disable=not progress):
         idx = torch.randperm(len(samples), generator=g)[:batch]
         values = s_tap(samples[idx])
         loss = sum(
@@ -113,4 +117,7 @@ def polish(
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
+        if callback is not None:
+            with torch.no_grad():
+                callback(step, model)
     return model.eval()

@@ -54,6 +54,10 @@ def test_compress_with_polish_keeps_the_folded_form_and_improves_on_held_out_dat
         assert _rel(polished.model(held_out), target) < _rel(closed.model(held_out), target)
 
 
+def test_fxkd_polish_is_the_function_the_readme_calls():
+    assert fxkd.polish is polish and callable(fxkd.polish)
+
+
 def test_polish_with_zero_steps_is_a_copy():
     teacher, shape = make("resnet")
     student = plant(teacher)
@@ -63,6 +67,28 @@ def test_polish_with_zero_steps_is_a_copy():
     assert all(
         torch.equal(a, b) for a, b in zip(out.parameters(), student.parameters(), strict=True)
     )
+
+
+def test_polish_callback_sees_every_step_and_its_checkpoint_is_the_shorter_polish():
+    """callback(step, model) after each step: a copy taken at step 5 of a 12-step polish equals
+    a 5-step polish with the same seed (the same batches, the same updates)."""
+    teacher, shape = make("vgg")
+    student = plant(teacher, scale=0.3)
+    x = torch.randn(96, *shape)
+    points = [("features_5", "features_5"), ("head", "head")]
+    seen, kept = [], {}
+
+    def callback(step, model):
+        seen.append((step, model.training, torch.is_grad_enabled()))
+        if step == 5:
+            kept["model"] = copy.deepcopy(model)
+
+    kw = {"lr": 1e-3, "batch_size": 32, "seed": 3, "progress": False}
+    polish(teacher, student, x, points, steps=12, callback=callback, **kw)
+    assert seen == [(k, False, False) for k in range(1, 13)]
+    short = polish(teacher, student, x, points, steps=5, **kw)
+    for a, b in zip(kept["model"].parameters(), short.parameters(), strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
 
 
 @pytest.mark.parametrize(
