@@ -268,7 +268,7 @@ class CalibrateAdapters(FxkdPass):
         own = member_nodes | set(steps)  # the point's operands that the adapters produce
         residual = [a for a in point.all_input_nodes if a not in own]
         residual_node = residual[0] if point not in own and residual else None
-        err_before = self._identity_error(student, members, residual_node, targets, steps)
+        err_before, energy = self._identity_error(student, members, residual_node, targets, steps)
         share = self.config.subsample if members[0].module.dims > 0 else 1.0
         sample_rows = _global_rows(teacher.value(target_node), channel_dim, share)
         for m in members:
@@ -303,11 +303,11 @@ class CalibrateAdapters(FxkdPass):
             student.run_node(step)
         if point not in own:
             student.run_node(point)
-        err_after = _rel_error(student.value(point), targets)
+        err_after = _rel_error(student.value(point), targets, energy)
         err_given = None
         if reference is not None:
             r_node = next(n for n in reference.nodes if n.name == pair.site.point)
-            err_given = _rel_error(reference.run_through(r_node), targets)
+            err_given = _rel_error(reference.run_through(r_node), targets, energy)
             reference.unpin(r_node)
         for m in members:
             self.records[str(m.node.target)] = SiteRecord(
@@ -323,16 +323,20 @@ class CalibrateAdapters(FxkdPass):
         log.debug("%s: rel err %.4g -> %.4g", point.name, err_before, err_after)
 
     @staticmethod
-    def _identity_error(student, members, residual_node, targets, steps) -> float:
-        """The point's error with identity adapters (the already-corrected student's input)."""
-        values = []
-        for i in range(len(targets)):
-            v = sum(student.chunk(m.node.args[0], i) for m in members)
+    def _identity_error(student, members, residual_node, targets, steps) -> tuple[float, float]:
+        """The point's error with identity adapters (the already-corrected student's input),
+        and the targets' energy Σ||y||² (what every error at this point is relative to)."""
+        sums = None
+        for i, y in enumerate(targets):
+            v = student.chunk(members[0].node.args[0], i)
+            for m in members[1:]:
+                v = v + student.chunk(m.node.args[0], i)
             v = redo_steps(student.gm, steps, v)
+            diff = y - v.to(y)  # one temporary per chunk: y − v − r in place
             if residual_node is not None:
-                v = v + student.chunk(residual_node, i)
-            values.append(v)
-        return _rel_error(values, targets)
+                diff -= student.chunk(residual_node, i).to(y)
+            sums = _accumulate(sums, diff, y)
+        return _ratio(sums)
 
     def _solve_jointly(self, student, members, residual_node, targets, steps, extra=()):
         """One least-squares system over the members' features (concatenated when several)."""
@@ -417,16 +421,34 @@ def _groups(gm: fx.GraphModule) -> dict[fx.Node, list[_Member]]:
     return dict(sorted(groups.items(), key=lambda kv: order[kv[0]]))
 
 
-def _rel_error(values: list[torch.Tensor], targets: list[torch.Tensor]) -> float:
-    """``Σ||y − v||² / Σ||y||²`` over chunks (and over ranks when torch.distributed runs)."""
+def _rel_error(
+    values: list[torch.Tensor], targets: list[torch.Tensor], energy: float | None = None
+) -> float:
+    """``Σ||y − v||² / Σ||y||²`` over chunks (and over ranks when torch.distributed runs);
+    ``energy``: Σ||y||² when already known (global), so the targets are read once less."""
     sums = None
     for v, y in zip(values, targets, strict=True):
-        if sums is None:  # on the targets' device: one synchronisation, at the end
-            sums = torch.zeros(2, dtype=torch.float64, device=y.device)
-        sums[0] += torch.linalg.vector_norm(y - v.to(y)).double() ** 2
+        sums = _accumulate(sums, y - v.to(y), None if energy is not None else y)
+    if energy is not None:
+        sums = all_reduce_sum(sums)
+        return float(sums[0]) / max(energy, 1e-300)
+    return _ratio(sums)[0]
+
+
+def _accumulate(sums, diff: torch.Tensor, y: torch.Tensor | None) -> torch.Tensor:
+    """Running [Σ||diff||², Σ||y||²] on the targets' device: no host sync per chunk."""
+    if sums is None:
+        sums = torch.zeros(2, dtype=torch.float64, device=diff.device)
+    sums[0] += torch.linalg.vector_norm(diff).double() ** 2
+    if y is not None:
         sums[1] += torch.linalg.vector_norm(y).double() ** 2
-    sums = all_reduce_sum(sums)
-    return float(sums[0] / sums[1].clamp_min(1e-300))
+    return sums
+
+
+def _ratio(sums: torch.Tensor) -> tuple[float, float]:
+    """(Σ||diff||² / Σ||y||², Σ||y||²), summed over ranks: one synchronisation."""
+    sums = all_reduce_sum(sums).tolist()
+    return sums[0] / max(sums[1], 1e-300), sums[1]
 
 
 class _Targets(Sequence):
