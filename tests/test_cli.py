@@ -112,3 +112,45 @@ def test_compress_bad_inputs_give_one_line_reasons(tmp_path):
         str(tmp_path),
     )  # an empty folder
     assert out.returncode == 2 and "error" in out.stderr
+
+
+def test_fashion_mnist_runs_split_over_processes_merge_into_one_table(tmp_path):
+    """examples/gpu_fashion.sh's merge: the .json of runs split by teacher/student (one of
+    them stopped early, a .partial.json) become one table holding every row of both."""
+    import json
+
+    def run(teacher, student, accs):
+        rows = [
+            {"teacher": teacher, "student": student, "n": 100, "seed": seed, "method": method,
+             "acc": acc, "seconds": 1.0, "ratio": 1.0, "choice": None}
+            for seed, (method, acc) in enumerate(accs)
+        ]  # fmt: skip
+        meta = {
+            "command": f"python examples/fashion_mnist.py --teachers {teacher}",
+            "quick": False,
+            "seeds": [0, 1],
+            "machine": "test",
+            "teacher_acc": {teacher: 0.93},
+            "students": {teacher: [student]},
+            "params": {teacher: {"teacher": 1000, student: 500}},
+        }
+        return {"meta": meta, "rows": rows, "block_reports": {}}
+
+    a = tmp_path / "fashion_mnist_shard-vgg-l1-50.json"
+    b = tmp_path / "fashion_mnist_shard-resnet-l1-75.partial.json"
+    a.write_text(json.dumps(run("vgg", "l1-50", [("fxkd-kernel", 0.9), ("fxkd-kernel", 0.8)])))
+    b.write_text(json.dumps(run("resnet", "l1-75", [("mir", 0.7)])))
+    out = subprocess.run(
+        [sys.executable, "examples/fashion_mnist.py", "--from-json", str(a), str(b),
+         "--tag", "merged", "--out", str(tmp_path)],
+        capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert out.returncode == 0, out.stderr
+    merged = json.loads((tmp_path / "fashion_mnist_merged.json").read_text())
+    assert len(merged["rows"]) == 3
+    assert merged["meta"]["students"] == {"vgg": ["l1-50"], "resnet": ["l1-75"]}
+    table = (tmp_path / "fashion_mnist_merged.md").read_text()
+    assert "## Teacher vgg: 93.00%" in table and "## Teacher resnet: 93.00%" in table
+    assert "| fxkd-kernel | no | 85.00% ± 7.07% |" in table  # mean ± std of the two seeds
+    assert "one of 2 runs split by --teachers/--students" in table
+    assert (tmp_path / "fashion_mnist_merged_accuracy.png").stat().st_size > 10_000
