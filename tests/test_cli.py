@@ -117,6 +117,7 @@ def test_compress_bad_inputs_give_one_line_reasons(tmp_path):
 def test_fashion_mnist_runs_split_over_processes_merge_into_one_table(tmp_path):
     """examples/gpu_fashion.sh's merge: the .json of runs split by teacher/student (one of
     them stopped early, a .partial.json) become one table holding every row of both."""
+    import importlib.util
     import json
 
     def run(teacher, student, accs):
@@ -153,4 +154,8 @@ def test_fashion_mnist_runs_split_over_processes_merge_into_one_table(tmp_path):
     assert "## Teacher vgg: 93.00%" in table and "## Teacher resnet: 93.00%" in table
     assert "| fxkd-kernel | no | 85.00% ± 7.07% |" in table  # mean ± std of the two seeds
     assert "one of 2 runs split by --teachers/--students" in table
-    assert (tmp_path / "fashion_mnist_merged_accuracy.png").stat().st_size > 10_000
+    png = tmp_path / "fashion_mnist_merged_accuracy.png"
+    if importlib.util.find_spec("matplotlib"):  # an optional dependency: plots only with it
+        assert png.stat().st_size > 10_000
+    else:
+        assert not png.exists() and "matplotlib is not installed" in out.stderr
