@@ -95,7 +95,10 @@ def prune(
     ``"internal"`` prunes only the channels internal to conv chains (``fxkd.chain_prune``:
     block outputs keep their width; works where torch-pruning does not, e.g. ShuffleNet's
     channel shuffle, RegNet's grouped bottlenecks); ``"auto"`` (default) is ``"all"``, falling
-    back to ``"internal"`` with a warning when torch-pruning fails."""
+    back with a warning, when torch-pruning fails, to fxkd's own analysis: the internal chains
+    and the residual streams (``fxkd.stream_prune``: block outputs joined only by adds and
+    per-channel ops, e.g. RegNet's stages; streams that meet a concatenation or a shuffle keep
+    their width)."""
     if not 0.0 <= ratio < 1.0:
         raise ConfigError(f"ratio={ratio!r} must be in [0, 1)")
     if importance not in ("l1", "bn"):
@@ -103,30 +106,43 @@ def prune(
     if scope not in SCOPES:
         raise ConfigError(f"scope={scope!r} is not one of {SCOPES}")
     if scope == "internal":
-        return _prune_internal(teacher, ratio, importance, example_inputs, ignored_layers)
+        return _prune_internal(teacher, ratio, importance, example_inputs, ignored_layers)[0]
     try:
         return _prune_all(teacher, ratio, importance, example_inputs, ignored_layers)
     except TorchPruningError as exc:
         if scope == "all":
             raise
-        student = _prune_internal(teacher, ratio, importance, example_inputs, ignored_layers)
+        student, streams = _prune_internal(
+            teacher, ratio, importance, example_inputs, ignored_layers, streams=True
+        )
         log.warning(
-            "%s; pruned the internal channels of its conv chains instead (block outputs keep "
-            "their width; scope='internal')",
+            "%s; pruned it with fxkd's own coupling analysis instead: the internal channels of "
+            "its conv chains and %d residual stream(s) of block outputs (the block outputs "
+            "of other streams keep their width)",
             str(exc).split(". Hint")[0],
+            streams,
         )
         return student
 
 
-def _prune_internal(teacher, ratio, importance, example_inputs, ignored_layers) -> nn.Module:
-    """``scope="internal"``: fxkd.chain_prune on a copy; maps recorded like ``_prune_all``."""
+def _prune_internal(
+    teacher, ratio, importance, example_inputs, ignored_layers, streams: bool = False
+) -> nn.Module:
+    """``scope="internal"``: fxkd.chain_prune on a copy (and, with ``streams``, then
+    fxkd.stream_prune: block outputs); maps recorded like ``_prune_all``. Returns the student
+    and the number of residual streams pruned."""
     from fxkd.chain_prune import prune_chains
+    from fxkd.stream_prune import prune_streams
 
     student = copy.deepcopy(teacher).eval()
     copies = dict(student.named_modules())
     names = {m: n for n, m in teacher.named_modules()}
     ignored = tuple(copies[names[m]] for m in (ignored_layers or []))
     maps = prune_chains(student, ratio, importance, ignored)
+    pruned = []
+    if streams:
+        stream_maps, pruned = prune_streams(student, ratio, example_inputs, importance, ignored)
+        maps.update(stream_maps)
     if not maps:
         raise ConfigError(
             f"{type(teacher).__name__} has no internal conv chain to prune (conv -> [BN, "
@@ -142,7 +158,7 @@ def _prune_internal(teacher, ratio, importance, example_inputs, ignored_layers) 
             f"({type(exc).__name__}: {exc}). Hint: pass the chain's layers as ignored_layers"
         ) from exc
     setattr(student, CHANNEL_MAPS_ATTR, maps)
-    return student
+    return student, len(pruned)
 
 
 def _prune_all(teacher, ratio, importance, example_inputs, ignored_layers) -> nn.Module:

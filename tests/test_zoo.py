@@ -11,8 +11,10 @@ import pytest
 import torch
 
 import fxkd
+from fxkd.stream_prune import find_streams
 from fxkd.students import channel_maps_of, prune
 from fxkd.support import check_support
+from fxkd.trace import trace
 
 from zoo_cases import ARCHS, KINDS, NO_BATCHNORM, build, make_case
 
@@ -23,7 +25,9 @@ DEFAULT = {
     ("vit", "l1"),
     ("resnet34", "depth"),
 }
-# torch-pruning cannot analyse these: prune() falls back to internal conv chains
+# torch-pruning cannot analyse these: prune() falls back to fxkd's own analysis (internal
+# conv chains; residual streams of block outputs where only adds join them: RegNet, not
+# ShuffleNet's shuffled concatenations)
 INTERNAL_ONLY = {"shufflenet_v2_x0_5", "regnet_x_400mf"}
 
 CASES = [(a, k) for a in ARCHS for k in KINDS if not (a in NO_BATCHNORM and k == "bn")]
@@ -51,22 +55,29 @@ def test_zoo_case(arch, kind):
 
 
 @pytest.mark.parametrize("arch", sorted(INTERNAL_ONLY))
-def test_prune_falls_back_to_internal_chains_where_torch_pruning_fails(arch, caplog):
+def test_prune_falls_back_to_fxkd_analysis_where_torch_pruning_fails(arch, caplog):
     """scope="all" refuses (torch-pruning cannot analyse the model); the default scope warns
-    and prunes the chains' internal channels: block outputs keep their width."""
+    and prunes the chains' internal channels and the residual streams: RegNet's block outputs
+    lose channels too, ShuffleNet's (concatenated and shuffled) keep their width."""
     teacher, shape = build(arch)
     example = torch.randn(2, *shape)
     with pytest.raises(fxkd.ConfigError, match="torch-pruning could not"):
         prune(teacher, 0.5, example_inputs=example, scope="all")
     with caplog.at_level("WARNING"):
         student = prune(teacher, 0.5, example_inputs=example)
-    assert "pruned the internal channels" in caplog.text
+    assert "fxkd's own coupling analysis" in caplog.text
     maps = channel_maps_of(student)
     assert maps and sum(p.numel() for p in student.parameters()) < sum(
         p.numel() for p in teacher.parameters()
     )
     with torch.no_grad():
         assert student(example).shape == teacher(example).shape
+    streams = find_streams(trace(teacher), example)
+    assert bool(streams) == (arch == "regnet_x_400mf")
+    modules = dict(student.named_modules())
+    for stream in streams:  # every block output of the stream is pruned, maps recorded
+        for name in stream.producers:
+            assert modules[name].out_channels < stream.channels and name in maps
 
 
 def test_depth_student_matches_every_stage_output():
