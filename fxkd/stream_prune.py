@@ -106,6 +106,13 @@ class _Spaces:
         return self.info[self.find(k)]
 
 
+def _features(node: fx.Node) -> int | None:
+    """C of a (N, C) value (what a Linear reading a pooled stream sees), else None."""
+    meta = node.meta.get("tensor_meta")
+    shape = getattr(meta, "shape", None)
+    return int(shape[1]) if shape is not None and len(shape) == 2 else None
+
+
 def _channels(node: fx.Node) -> int | None:
     meta = node.meta.get("tensor_meta")
     shape = getattr(meta, "shape", None)
@@ -132,7 +139,7 @@ def find_streams(gm: fx.GraphModule, example_inputs: torch.Tensor) -> list[Strea
             of[node] = spaces.new(_channels(node))
             spaces.get(of[node])["producers"].append(str(node.target))
         elif (
-            isinstance(module, nn.Linear) and first in of and module.in_features == _channels(first)
+            isinstance(module, nn.Linear) and first in of and module.in_features == _features(first)
         ):
             spaces.get(of[first])["readers"].append(str(node.target))
             of[node] = spaces.new(None)

@@ -82,3 +82,25 @@ def test_compress_recovers_a_stream_pruned_student():
     assert sum(p.numel() for p in result.model.parameters()) == sum(
         p.numel() for p in student.parameters()
     )
+
+
+class _Tokens(nn.Module):
+    """A Linear over the last dim of a (N, C, L) stream with L == C: it reads positions, not
+    channels, so the stream must keep its width."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b = nn.Conv1d(3, 4, 3, padding=1), nn.Conv1d(4, 4, 3, padding=1)
+        self.fc = nn.Linear(4, 4)
+
+    def forward(self, x):
+        y = self.a(x)
+        y = y + self.b(y)
+        return self.fc(y)  # (N, 4, 4): the Linear mixes the 4 positions
+
+
+def test_a_linear_on_the_last_dim_does_not_read_the_channels():
+    model = _Tokens()
+    x = torch.randn(2, 3, 4)
+    assert find_streams(trace(model), x) == []
+    assert prune_streams(copy.deepcopy(model), 0.5, x) == ({}, [])
