@@ -34,3 +34,17 @@ def test_pass_manager_pipeline_equals_compress():
     x = torch.randn(16, *shape)
     with torch.no_grad():
         torch.testing.assert_close(result.graph_module(x), expected(x), rtol=1e-5, atol=1e-5)
+
+
+def test_finite_check_of_the_normal_equations_catches_nan_and_both_infinities():
+    from fxkd.passes.calibrate import _finite
+
+    g = torch.randn(2, 5, 5, dtype=torch.float64) * 1e150
+    assert _finite(g)
+    for bad in (float("nan"), float("inf"), float("-inf")):
+        h = g.clone()
+        h[1, 2, 3] = bad
+        assert not _finite(h)
+    h = g.clone()
+    h[0, 0, 0], h[1, 1, 1] = float("inf"), float("-inf")  # they would cancel to NaN
+    assert not _finite(h)
