@@ -24,10 +24,18 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from fashion_mnist import RESULTS, _machine, make_students, prepool_node, run_method, tapped
+from fashion_mnist import (
+    RESULTS,
+    _machine,
+    load_splits,
+    make_students,
+    prepool_node,
+    run_method,
+    sample_indices,
+    tapped,
+)
 
 from fxkd.align import align
-from fxkd.datasets import load_fashion_mnist, normalize
 from fxkd.demo import load_teacher
 from fxkd.students import channel_maps_of
 from fxkd.trace import trace
@@ -79,15 +87,12 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     logging.getLogger("fxkd").setLevel(logging.WARNING)
     command = "python examples/error_profile.py " + " ".join(argv or sys.argv[1:])
-    xtr, ytr = load_fashion_mnist("train", args.data_dir)
-    xte, yte = load_fashion_mnist("test", args.data_dir)
-    xtr, xte = normalize(xtr), normalize(xte)
-    pool, pool_y = xtr[:-5000], ytr[:-5000]
-    val = (xtr[-5000:][:2000], ytr[-5000:][:2000])
-    held = xtr[-5000:][2000 : 2000 + args.held_out]  # held out, not the selection slice either
+    data = load_splits(args.data_dir)
+    pool, pool_y, val = data.pool_x, data.pool_y, data.val
+    xte, yte = data.test
+    held = data.rest[: args.held_out]  # held out, not the selection slice either
     n = args.samples
-    g = torch.Generator().manual_seed(1000 * args.seed + n)  # the benchmark's samples
-    idx = torch.randperm(len(pool), generator=g)[:n]
+    idx = sample_indices(len(pool), n, args.seed)  # the benchmark's samples
     x, y = pool[idx], pool_y[idx]
     panels = []
     for tname in args.teachers:

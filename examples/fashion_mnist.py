@@ -33,6 +33,7 @@ import re
 import statistics
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -70,6 +71,35 @@ def make_students(teacher: nn.Module, example: torch.Tensor, ratios: tuple[float
     )
     out["decouple-r1"] = decouple(teacher, rank=1)
     return out
+
+
+@dataclass
+class Splits:
+    """The benchmark's data, normalised, on one device: the sampling pool (training split less
+    its last 5,000 images), the selection slice (the first 2,000 of those 5,000), the other
+    3,000 held-out images (never sampled, never used for selection) and the test set."""
+
+    pool_x: torch.Tensor
+    pool_y: torch.Tensor
+    val: tuple[torch.Tensor, torch.Tensor]
+    rest: torch.Tensor
+    test: tuple[torch.Tensor, torch.Tensor]
+
+
+def load_splits(data_dir: str | None = None, device: str | torch.device = "cpu") -> Splits:
+    xtr, ytr = load_fashion_mnist("train", data_dir)
+    xte, yte = load_fashion_mnist("test", data_dir)
+    xtr, ytr, xte, yte = (t.to(device) for t in (normalize(xtr), ytr, normalize(xte), yte))
+    held_x, held_y = xtr[-5000:], ytr[-5000:]
+    return Splits(
+        xtr[:-5000], ytr[:-5000], (held_x[:2000], held_y[:2000]), held_x[2000:], (xte, yte)
+    )
+
+
+def sample_indices(pool_size: int, n: int, seed: int) -> torch.Tensor:
+    """The N pool images every script of the benchmark uses for ``seed``."""
+    g = torch.Generator().manual_seed(1000 * seed + n)
+    return torch.randperm(pool_size, generator=g)[:n]
 
 
 def tapped(model: nn.Module, names: list[str], example: torch.Tensor) -> nn.Module:
@@ -524,14 +554,9 @@ def main(argv: list[str] | None = None) -> int:
 
     if args.from_log:
         return render_log(Path(args.from_log), args, command)
-    xtr, ytr = load_fashion_mnist("train", args.data_dir)
-    xte, yte = load_fashion_mnist("test", args.data_dir)
-    xtr, xte = normalize(xtr), normalize(xte)
     device = torch.device(args.device)
-    xtr, ytr, xte, yte = (t.to(device) for t in (xtr, ytr, xte, yte))
-    pool_x, pool_y = xtr[:-5000], ytr[:-5000]
-    val = (xtr[-5000:][:2000], ytr[-5000:][:2000])
-    test = (xte, yte)
+    data = load_splits(args.data_dir, device)
+    pool_x, pool_y, val, test = data.pool_x, data.pool_y, data.val, data.test
 
     rows, meta_students, params, teacher_acc, block_reports = [], {}, {}, {}, {}
     stem = ("fashion_mnist_quick" if args.quick else "fashion_mnist") + (
@@ -561,8 +586,7 @@ def main(argv: list[str] | None = None) -> int:
             params[tname][sname] = sum(p.numel() for p in student.parameters())
             for n in args.samples:
                 for seed in args.seeds:
-                    g = torch.Generator().manual_seed(1000 * seed + n)
-                    idx = torch.randperm(len(pool_x), generator=g)[:n].to(device)
+                    idx = sample_indices(len(pool_x), n, seed).to(device)
                     res = run_methods(
                         teacher, student, pool_x[idx], pool_y[idx], val, test, seed, args.methods
                     )

@@ -22,11 +22,10 @@ from pathlib import Path
 import torch
 
 import fxkd
-from fxkd.datasets import load_fashion_mnist, normalize
 from fxkd.demo import accuracy, load_teacher
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from fashion_mnist import make_students
+from fashion_mnist import load_splits, make_students, sample_indices
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -42,9 +41,8 @@ def main() -> None:
     p.add_argument("--out", default=str(RESULTS / "memory_options.md"))
     args = p.parse_args()
     torch.manual_seed(0)
-    xtr, _ = load_fashion_mnist("train", args.data_dir)
-    xte, yte = load_fashion_mnist("test", args.data_dir)
-    pool, test = normalize(xtr)[:-5000], (normalize(xte), yte)
+    data = load_splits(args.data_dir)
+    pool, test = data.pool_x, data.test
     lines = [
         "# Spatial subsampling of the normal equations: accuracy and cost",
         "",
@@ -66,8 +64,7 @@ def main() -> None:
                 for share in args.shares:
                     accs, secs, working = [], [], 0
                     for seed in args.seeds:
-                        g = torch.Generator().manual_seed(1000 * seed + n)
-                        idx = torch.randperm(len(pool), generator=g)[:n]
+                        idx = sample_indices(len(pool), n, seed)
                         start = time.perf_counter()
                         result = fxkd.compress(
                             teacher,

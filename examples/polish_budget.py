@@ -27,10 +27,17 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from fashion_mnist import RESULTS, _machine, _sync, make_students, run_method
+from fashion_mnist import (
+    RESULTS,
+    _machine,
+    _sync,
+    load_splits,
+    make_students,
+    run_method,
+    sample_indices,
+)
 
 import fxkd
-from fxkd.datasets import load_fashion_mnist, normalize
 from fxkd.demo import accuracy, load_teacher
 
 log = logging.getLogger("polish_budget")
@@ -91,12 +98,8 @@ def main(argv: list[str] | None = None) -> int:
     logging.getLogger("fxkd").setLevel(logging.WARNING)
     command = "python examples/polish_budget.py " + " ".join(argv or sys.argv[1:])
     device = torch.device(args.device)
-    xtr, ytr = load_fashion_mnist("train", args.data_dir)
-    xte, yte = load_fashion_mnist("test", args.data_dir)
-    xtr, xte = normalize(xtr).to(device), normalize(xte).to(device)
-    ytr, yte = ytr.to(device), yte.to(device)
-    pool = xtr[:-5000]
-    val, test = (xtr[-5000:][:2000], ytr[-5000:][:2000]), (xte, yte)
+    data = load_splits(args.data_dir, device)
+    pool, pool_y, val, test = data.pool_x, data.pool_y, data.val, data.test
     n, checkpoints = args.samples, set(args.checkpoints)
     cells = []
     for tname in args.teachers:
@@ -109,8 +112,7 @@ def main(argv: list[str] | None = None) -> int:
                 warm = fxkd.compress(teacher, student, pool[:16], num_samples=16, progress=False)
                 fxkd.polish(teacher, warm.model, pool[:16], warm.alignment, steps=2, progress=False)
             for seed in args.seeds:
-                g = torch.Generator().manual_seed(1000 * seed + n)  # the benchmark's samples
-                idx = torch.randperm(len(pool), generator=g)[:n].to(device)
+                idx = sample_indices(len(pool), n, seed).to(device)  # the benchmark's samples
                 curve, kernel_s = budget_curve(
                     teacher, student, pool[idx], val, test, seed, args.lrs, checkpoints
                 )
@@ -118,7 +120,7 @@ def main(argv: list[str] | None = None) -> int:
                 cell["curve"] = [[lr, s, *v] for (lr, s), v in sorted(curve.items())]
                 if seed == args.seeds[0]:
                     mir = run_method(
-                        "mir", teacher, student, pool[idx], ytr[idx], val, test, seed, {}
+                        "mir", teacher, student, pool[idx], pool_y[idx], val, test, seed, {}
                     )
                     cell["mir"] = mir["acc"], mir["seconds"]
                     log.info("%s %s seed=%d mir %.4f %.1fs", tname, sname, seed, *cell["mir"])

@@ -106,17 +106,21 @@ class _Spaces:
         return self.info[self.find(k)]
 
 
+def _shape(node: fx.Node) -> tuple[int, ...] | None:
+    """The value's shape from ShapeProp, None when it is not one tensor."""
+    shape = getattr(node.meta.get("tensor_meta"), "shape", None)
+    return tuple(shape) if shape is not None else None
+
+
 def _features(node: fx.Node) -> int | None:
     """C of a (N, C) value (what a Linear reading a pooled stream sees), else None."""
-    meta = node.meta.get("tensor_meta")
-    shape = getattr(meta, "shape", None)
-    return int(shape[1]) if shape is not None and len(shape) == 2 else None
+    shape = _shape(node)
+    return shape[1] if shape is not None and len(shape) == 2 else None
 
 
 def _channels(node: fx.Node) -> int | None:
-    meta = node.meta.get("tensor_meta")
-    shape = getattr(meta, "shape", None)
-    return int(shape[1]) if shape is not None and len(shape) >= 2 else None
+    shape = _shape(node)
+    return shape[1] if shape is not None and len(shape) >= 2 else None
 
 
 def find_streams(gm: fx.GraphModule, example_inputs: torch.Tensor) -> list[Stream]:
@@ -182,8 +186,7 @@ def _is_flatten(node: fx.Node) -> bool:
 def _flattens_channels_only(node: fx.Node) -> bool:
     """torch.flatten(x, 1) of a (N, C, 1, ...) value: channel c stays feature c."""
     start = node.args[1] if len(node.args) > 1 else node.kwargs.get("start_dim", 0)
-    meta = node.args[0].meta.get("tensor_meta")
-    shape = getattr(meta, "shape", None)
+    shape = _shape(node.args[0])
     return start == 1 and shape is not None and math.prod(shape[2:]) == 1
 
 

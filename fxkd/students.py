@@ -106,13 +106,13 @@ def prune(
     if scope not in SCOPES:
         raise ConfigError(f"scope={scope!r} is not one of {SCOPES}")
     if scope == "internal":
-        return _prune_internal(teacher, ratio, importance, example_inputs, ignored_layers)[0]
+        return _prune_with_fxkd(teacher, ratio, importance, example_inputs, ignored_layers)[0]
     try:
         return _prune_all(teacher, ratio, importance, example_inputs, ignored_layers)
     except TorchPruningError as exc:
         if scope == "all":
             raise
-        student, streams = _prune_internal(
+        student, streams = _prune_with_fxkd(
             teacher, ratio, importance, example_inputs, ignored_layers, streams=True
         )
         log.warning(
@@ -125,7 +125,7 @@ def prune(
         return student
 
 
-def _prune_internal(
+def _prune_with_fxkd(
     teacher, ratio, importance, example_inputs, ignored_layers, streams: bool = False
 ) -> nn.Module:
     """``scope="internal"``: fxkd.chain_prune on a copy (and, with ``streams``, then
