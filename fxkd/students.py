@@ -96,9 +96,10 @@ def prune(
     block outputs keep their width; works where torch-pruning does not, e.g. ShuffleNet's
     channel shuffle, RegNet's grouped bottlenecks); ``"auto"`` (default) is ``"all"``, falling
     back with a warning, when torch-pruning fails, to fxkd's own analysis: the internal chains
-    and the residual streams (``fxkd.stream_prune``: block outputs joined only by adds and
-    per-channel ops, e.g. RegNet's stages; streams that meet a concatenation or a shuffle keep
-    their width)."""
+    and the block outputs: residual streams (``fxkd.stream_prune``: joined only by adds and
+    per-channel ops, e.g. RegNet's stages) and routing regions (``fxkd.lane_prune``:
+    concatenations, chunks and channel shuffles, e.g. ShuffleNet's stages); block outputs that
+    meet both an add and a routing op, or anything else, keep their width."""
     if not 0.0 <= ratio < 1.0:
         raise ConfigError(f"ratio={ratio!r} must be in [0, 1)")
     if importance not in ("l1", "bn"):
@@ -117,8 +118,8 @@ def prune(
         )
         log.warning(
             "%s; pruned it with fxkd's own coupling analysis instead: the internal channels of "
-            "its conv chains and %d residual stream(s) of block outputs (the block outputs "
-            "of other streams keep their width)",
+            "its conv chains and %d residual stream(s) or routing region(s) of block outputs "
+            "(fxkd.stream_prune, fxkd.lane_prune; other block outputs keep their width)",
             str(exc).split(". Hint")[0],
             streams,
         )
@@ -128,10 +129,12 @@ def prune(
 def _prune_with_fxkd(
     teacher, ratio, importance, example_inputs, ignored_layers, streams: bool = False
 ) -> nn.Module:
-    """``scope="internal"``: fxkd.chain_prune on a copy (and, with ``streams``, then
-    fxkd.stream_prune: block outputs); maps recorded like ``_prune_all``. Returns the student
-    and the number of residual streams pruned."""
+    """``scope="internal"``: fxkd.chain_prune on a copy (and, with ``streams``, then the
+    block outputs: fxkd.stream_prune's residual streams and fxkd.lane_prune's routing regions);
+    maps recorded like ``_prune_all``. Returns the student and the number of streams and
+    regions pruned."""
     from fxkd.chain_prune import prune_chains
+    from fxkd.lane_prune import prune_lanes
     from fxkd.stream_prune import prune_streams
 
     student = copy.deepcopy(teacher).eval()
@@ -143,6 +146,10 @@ def _prune_with_fxkd(
     if streams:
         stream_maps, pruned = prune_streams(student, ratio, example_inputs, importance, ignored)
         maps.update(stream_maps)
+        skip = set(maps) | {n for n, m in student.named_modules() if m in ignored}
+        lane_maps, regions = prune_lanes(student, ratio, example_inputs, importance, skip)
+        maps.update(lane_maps)
+        pruned += regions
     if not maps:
         raise ConfigError(
             f"{type(teacher).__name__} has no internal conv chain to prune (conv -> [BN, "

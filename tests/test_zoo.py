@@ -26,8 +26,7 @@ DEFAULT = {
     ("resnet34", "depth"),
 }
 # torch-pruning cannot analyse these: prune() falls back to fxkd's own analysis (internal
-# conv chains; residual streams of block outputs where only adds join them: RegNet, not
-# ShuffleNet's shuffled concatenations)
+# conv chains; block outputs: RegNet's residual streams, ShuffleNet's routing regions)
 INTERNAL_ONLY = {"shufflenet_v2_x0_5", "regnet_x_400mf"}
 
 CASES = [(a, k) for a in ARCHS for k in KINDS if not (a in NO_BATCHNORM and k == "bn")]
@@ -57,8 +56,8 @@ def test_zoo_case(arch, kind):
 @pytest.mark.parametrize("arch", sorted(INTERNAL_ONLY))
 def test_prune_falls_back_to_fxkd_analysis_where_torch_pruning_fails(arch, caplog):
     """scope="all" refuses (torch-pruning cannot analyse the model); the default scope warns
-    and prunes the chains' internal channels and the residual streams: RegNet's block outputs
-    lose channels too, ShuffleNet's (concatenated and shuffled) keep their width."""
+    and prunes the chains' internal channels and the block outputs: RegNet's residual streams,
+    ShuffleNet's concatenated and shuffled stages (routing regions)."""
     teacher, shape = build(arch)
     example = torch.randn(2, *shape)
     with pytest.raises(fxkd.ConfigError, match="torch-pruning could not"):
@@ -78,6 +77,11 @@ def test_prune_falls_back_to_fxkd_analysis_where_torch_pruning_fails(arch, caplo
     for stream in streams:  # every block output of the stream is pruned, maps recorded
         for name in stream.producers:
             assert modules[name].out_channels < stream.channels and name in maps
+    if arch == "shufflenet_v2_x0_5":  # concatenated + shuffled block outputs: lane routing
+        for stage in ("stage2", "stage3", "stage4"):
+            for name in (f"{stage}.0.branch1.2", f"{stage}.1.branch2.5"):
+                t_width = teacher.get_submodule(name).out_channels
+                assert modules[name].out_channels < t_width and name in maps
 
 
 def test_depth_student_matches_every_stage_output():
