@@ -25,7 +25,7 @@ import torch
 import torch.fx as fx
 from torch import nn
 
-from fxkd.nodes import is_nonlinearity
+from fxkd.nodes import is_elementwise_nonlinearity
 from fxkd.trace import trace
 
 __all__ = ["Chain", "find_chains", "prune_chains"]
@@ -69,7 +69,7 @@ def _walk(gm: fx.GraphModule, node: fx.Node) -> tuple[str | None, fx.Node | None
             if bn is not None:
                 return bn, None
             bn = str(n.target)
-        elif not is_nonlinearity(gm, n):
+        elif not is_elementwise_nonlinearity(gm, n):
             return bn, n
         n = _next(n)
     return bn, None

@@ -41,7 +41,7 @@ from torch import nn
 from torch.fx.passes.shape_prop import ShapeProp
 
 from fxkd.chain_prune import _slice_bn, _slice_in, _slice_out
-from fxkd.nodes import is_nonlinearity
+from fxkd.nodes import is_elementwise_nonlinearity
 from fxkd.stream_prune import _PER_CHANNEL, _PER_CHANNEL_FUNCTIONS
 from fxkd.trace import trace
 
@@ -208,8 +208,9 @@ class _TagRun(fx.Interpreter):
                 self._record(name, "reader", first)
                 return self._opaque(n, [])
             depthwise = isinstance(m, _CONVS) and m.groups == m.in_channels == m.out_channels
+            elementwise = is_elementwise_nonlinearity(self.module, n)
             if first is not None and len(inputs) == 1 and (
-                depthwise or isinstance(m, _PER_CHANNEL) or is_nonlinearity(self.module, n)
+                depthwise or elementwise or isinstance(m, _PER_CHANNEL)
             ):  # fmt: skip
                 if depthwise or isinstance(m, _BN):
                     kind = "depthwise" if depthwise else "batchnorm"
@@ -217,6 +218,8 @@ class _TagRun(fx.Interpreter):
                 else:
                     ids = _channel_ids(first)
                 return self._pass(n, first, ids)
+            if isinstance(m, (nn.Flatten, nn.Unflatten)):  # reshapes: routing like view
+                return self._route(n, inputs)
             return self._opaque(n, inputs)
         if first is not None and len(inputs) == 1 and self._per_channel(n, args, kwargs):
             return self._pass(n, first, _channel_ids(first))
@@ -224,18 +227,22 @@ class _TagRun(fx.Interpreter):
             n.op == "call_method" and n.target in _ROUTING_METHODS
         )
         if routing or not inputs:
-            try:
-                out = super().run_node(n)
-            except Exception:  # shapes that do not route at these widths
-                for t in inputs:
-                    self.seen.failed |= _ids(t)
-                return self._opaque(n, inputs)
-            # a tensor made from no tensor (torch.zeros, arange) carries no lane
-            return self._opaque(n, []) if not inputs and _tensors(out) else out
+            return self._route(n, inputs)
         return self._opaque(n, inputs)
 
+    def _route(self, n: fx.Node, inputs: list[torch.Tensor]):
+        """Run an op that only moves values (or makes no tensor from tensors) on the tags."""
+        try:
+            out = super().run_node(n)
+        except Exception:  # shapes that do not route at these widths
+            for t in inputs:
+                self.seen.failed |= _ids(t)
+            return self._opaque(n, inputs)
+        # a tensor made from no tensor (torch.zeros, arange) carries no lane
+        return self._opaque(n, []) if not inputs and _tensors(out) else out
+
     def _per_channel(self, n: fx.Node, args, kwargs) -> bool:
-        if is_nonlinearity(self.module, n):
+        if is_elementwise_nonlinearity(self.module, n):
             return True
         if n.op == "call_function" and n.target in _PER_CHANNEL_FUNCTIONS:
             return True

@@ -17,6 +17,7 @@ __all__ = [
     "affine_module",
     "channel_step",
     "eval_batchnorm",
+    "is_elementwise_nonlinearity",
     "is_nonlinearity",
     "module_call_counts",
     "redo_steps",
@@ -151,6 +152,23 @@ def is_nonlinearity(gm: fx.GraphModule, node: fx.Node) -> bool:
     if node.op == "call_method":
         return node.target in _NONLINEAR_METHODS
     return False
+
+
+_MIXING_MODULES = (nn.Softmax, nn.LogSoftmax, nn.Softmin, nn.Softmax2d, nn.GLU)
+_MIXING_FUNCTIONS = {F.softmax, F.log_softmax, F.glu, torch.softmax, torch.log_softmax}
+_MIXING_METHODS = {"softmax", "log_softmax"}
+
+
+def is_elementwise_nonlinearity(gm: fx.GraphModule, node: fx.Node) -> bool:
+    """A nonlinearity applied to each value alone: not softmax or GLU, which mix the values
+    along a dimension (channels, typically), so a pruned channel would change the others."""
+    if not is_nonlinearity(gm, node):
+        return False
+    if node.op == "call_module":
+        return not isinstance(_module(gm, node), _MIXING_MODULES)
+    if node.op == "call_function":
+        return node.target not in _MIXING_FUNCTIONS
+    return node.target not in _MIXING_METHODS
 
 
 def add_operands(node: fx.Node) -> tuple[fx.Node, fx.Node] | None:

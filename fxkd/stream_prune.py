@@ -31,7 +31,7 @@ from torch import nn
 from torch.fx.passes.shape_prop import ShapeProp
 
 from fxkd.chain_prune import _kept, _slice_bn, _slice_in, _slice_out
-from fxkd.nodes import add_operands, is_nonlinearity
+from fxkd.nodes import add_operands, is_elementwise_nonlinearity
 from fxkd.trace import trace
 
 __all__ = ["Stream", "find_streams", "prune_streams"]
@@ -150,7 +150,7 @@ def find_streams(gm: fx.GraphModule, example_inputs: torch.Tensor) -> list[Strea
         elif first in of and len(node.all_input_nodes) == 1 and (
             isinstance(module, _PER_CHANNEL)
             or (node.op == "call_function" and node.target in _PER_CHANNEL_FUNCTIONS)
-            or is_nonlinearity(gm, node)
+            or is_elementwise_nonlinearity(gm, node)
             or (_is_flatten(node) and _flattens_channels_only(node))
         ):  # fmt: skip
             of[node] = of[first]

@@ -167,3 +167,26 @@ def test_prune_falls_back_to_lanes_and_compress_recovers_shufflenet(caplog):
     assert {"conv1.0", "stage2.1.branch2.5", "stage3.7.branch2.5"} <= mapped
     assert row.folded == row.pairs and row.same_shapes and not row.worse
     assert row.stages_aligned == row.stages and row.onnx_passed
+
+
+class _Softmax(nn.Module):
+    """A softmax over channels between two convs: removing a channel changes every other."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b, self.c = nn.Conv2d(3, 8, 1), nn.Conv2d(8, 8, 1), nn.Conv2d(8, 4, 1)
+        self.flat = nn.Flatten(1)
+        self.head = nn.Linear(4, 2)
+
+    def forward(self, x):
+        y = self.b(torch.softmax(self.a(x), dim=1))
+        return self.head(self.flat(nn.functional.adaptive_avg_pool2d(self.c(torch.relu(y)), 1)))
+
+
+def test_channel_mixing_activations_keep_their_width_and_flatten_routes():
+    """a's lanes meet a softmax over channels: kept; b's pass a ReLU to c: pruned; c's are
+    flattened by an nn.Flatten module and read by the head: pruned."""
+    model = _Softmax()
+    maps, regions = prune_lanes(model, 0.5, torch.randn(2, 3, 8, 8))
+    assert sorted(p for r in regions for p in r.producers) == ["b", "c"]
+    assert model.a.out_channels == 8 and model.b.out_channels == 4 and model.head.in_features == 2
