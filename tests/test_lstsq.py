@@ -99,3 +99,44 @@ def test_extreme_scales_solve_the_same_problem(scale):
     torch.testing.assert_close(w[:, :6], w_ref[:, :6], rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(w[:, 6:] / scale, w_ref[:, 6:], rtol=1e-4, atol=1e-4)
     assert big.conditioning().rank == ref.conditioning().rank == 6
+
+
+def test_eigenvalues_below_a_threshold_are_counted_without_an_eigensolver():
+    """The inertia of a Bunch–Kaufman LDLᵀ of S − τI counts S's eigenvalues below τ: the same
+    count as eigvalsh on rank-deficient correlation matrices with rounding-size noise (which
+    makes them indefinite: the case the Cholesky diagnosis cannot factor)."""
+    from fxkd.lstsq import DEPENDENT_PIVOT, _count_below, _diagnose
+
+    g = torch.Generator().manual_seed(0)
+    indefinite = 0
+    for n, rank in [(5, 2), (40, 40), (64, 17), (130, 129), (200, 60), (257, 1)]:
+        a = torch.randn(2, n, rank, dtype=torch.float64, generator=g)
+        noise = torch.randn(2, n, n, dtype=torch.float64, generator=g) * 1e-6
+        s = a @ a.transpose(-1, -2) / rank + (noise + noise.transpose(-1, -2)) / 2
+        d = torch.diagonal(s, dim1=-2, dim2=-1).rsqrt()
+        corr = s * d[..., :, None] * d[..., None, :]
+        eig = torch.linalg.eigvalsh(corr)
+        want = int((eig.clamp_min(0) < DEPENDENT_PIVOT).sum())
+        assert _count_below(corr, DEPENDENT_PIVOT) == want
+        assert _diagnose(corr)[0] == want
+        for tau in (1e-3, 0.5, 2.0):
+            assert _count_below(corr, tau) == int((eig < tau).sum())
+        indefinite += bool((eig.amin(-1) < 0).any())
+    assert indefinite >= 3  # the fallback was exercised, not only the Cholesky path
+
+
+@pytest.mark.cuda
+def test_eigenvalue_count_on_the_gpu_equals_the_cpus():
+    """cuSOLVER's LDLᵀ (sytrf) follows LAPACK's pivot convention: the same inertia."""
+    from fxkd.lstsq import DEPENDENT_PIVOT, _count_below
+
+    if not torch.cuda.is_available():
+        pytest.skip("needs CUDA")
+    g = torch.Generator().manual_seed(1)
+    a = torch.randn(3, 300, 90, dtype=torch.float64, generator=g)
+    noise = torch.randn(3, 300, 300, dtype=torch.float64, generator=g) * 1e-6
+    s = a @ a.transpose(-1, -2) / 90 + (noise + noise.transpose(-1, -2)) / 2
+    d = torch.diagonal(s, dim1=-2, dim2=-1).rsqrt()
+    corr = s * d[..., :, None] * d[..., None, :]
+    want = int((torch.linalg.eigvalsh(corr).clamp_min(0) < DEPENDENT_PIVOT).sum())
+    assert _count_below(corr.cuda(), DEPENDENT_PIVOT) == _count_below(corr, DEPENDENT_PIVOT) == want
