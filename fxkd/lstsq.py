@@ -255,13 +255,19 @@ def _diagnose(corr: torch.Tensor) -> tuple[int, float]:
     inertia it is the number of negative eigenvalues of ``D`` in a Bunch–Kaufman
     ``LDLᵀ = corr − DEPENDENT_PIVOT·I``, where each 2×2 block of ``D`` has exactly one (its
     determinant is negative) and each 1×1 block its sign; the smallest eigenvalue is then
-    ≤ 0, reported as 0 (condition ∞). Same counts as ``eigvalsh`` (tested), 2–5× faster."""
+    ≤ 0, reported as 0 (condition ∞). Same counts as ``eigvalsh`` (tested), 2–5× faster on a
+    CPU (resnet50 64×64 N=256 pointwise, 2 cores: 0.85 s → 0.25 s); on a GPU ``eigvalsh`` stays
+    (H200, resnet50 224×224 N=256: cuSOLVER's LDLᵀ 0.77–0.81 s for the 16 fallbacks where
+    eigvalsh took 0.25 s)."""
     jitter = corr.shape[-1] * torch.finfo(torch.float64).eps
     eye = torch.eye(corr.shape[-1], dtype=corr.dtype, device=corr.device)
     chol, info = torch.linalg.cholesky_ex(corr + jitter * eye)
     if not bool((info != 0).any()):
         pivots = torch.diagonal(chol, dim1=-2, dim2=-1).square()
         return int((pivots < DEPENDENT_PIVOT).sum()), float(pivots.min())
+    if corr.device.type == "cuda":  # cuSOLVER's LDLᵀ is 3× slower than its eigvalsh (H200)
+        eig = torch.linalg.eigvalsh(corr).clamp_min(0)
+        return int((eig < DEPENDENT_PIVOT).sum()), float(eig.min())
     return _count_below(corr, DEPENDENT_PIVOT), 0.0
 
 
