@@ -136,9 +136,12 @@ def estimate(
         g = site.groups
         k = site.channels // g
         positions = math.prod(out_shape[2:]) if module.dims > 0 else math.prod(out_shape[1:-1])
-        kernel = config.mode == "kernel" and hasattr(producer, "weight")
-        d = producer.weight[0].numel() if kernel else k
         share = config.subsample if module.dims > 0 else 1.0
+        kernel = config.mode == "kernel" and hasattr(producer, "weight")
+        if kernel:  # fewer sample rows than kernel unknowns: calibration solves it pointwise
+            rows_seen = math.ceil(num_samples * _world_size() * positions * share)
+            kernel = rows_seen >= producer.weight[0].numel()
+        d = producer.weight[0].numel() if kernel else k
         rows = chunk * positions
         fp = 4 if _itemsize(node.args[0]) <= 4 else 8
         patches = rows * g * d * fp if kernel else 0
@@ -148,6 +151,13 @@ def estimate(
         width = d + 1
         systems = max(systems, 8 * g * (5 * width * width + 3 * width * k))
     return MemoryEstimate(device, num_samples, chunk, held, working, systems)
+
+
+def _world_size() -> int:
+    """Ranks sharing the samples (1 without torch.distributed)."""
+    import torch.distributed as dist
+
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
 
 
 def available_bytes(device: torch.device | str) -> int:

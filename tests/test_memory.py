@@ -205,3 +205,34 @@ def test_runner_offload_keeps_values_in_pinned_host_memory():
     assert all(v.device.type == "cpu" and v.is_pinned() for v in runner.value(last))
     assert runner.chunk(last, 0).device.type == "cuda"
     torch.testing.assert_close(out[0].cuda(), gm(chunks[0]))
+
+
+class _WideHead(torch.nn.Module):
+    """A conv and a Linear over its flattened 16×16 map: 2049 kernel unknowns per class."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = torch.nn.Conv2d(3, 8, 3, padding=1)
+        self.head = torch.nn.Linear(8 * 16 * 16, 10)
+
+    def forward(self, x):
+        return self.head(torch.relu(self.conv(x)).flatten(1))
+
+
+def test_estimate_sizes_underdetermined_kernel_systems_as_the_pointwise_ones_solved():
+    """With fewer sample rows than a producer's kernel unknowns calibration solves it pointwise
+    (the 10-class head on 64 samples): the estimate sizes that system, not a 2049² one that is
+    never built, and the calibration it allows runs."""
+    teacher = _WideHead().eval()
+    student = copy.deepcopy(teacher)
+    x = torch.randn(64, 3, 16, 16)
+    t_gm = trace(teacher, x[:2])
+    s_gm = trace(student, x[:2])
+    InsertAdapters(align(t_gm, s_gm), "kernel")(s_gm)
+    est = estimate(t_gm, s_gm, len(x), fxkd.CompressConfig(mode="kernel"))
+    conv_kernel = 8 * (5 * 28 * 28 + 3 * 28 * 8)  # 27 unknowns + bias, 8 outputs
+    head_pointwise = 8 * (5 * 11 * 11 + 3 * 11 * 10)
+    assert est.systems == max(conv_kernel, head_pointwise)
+    assert estimate(t_gm, s_gm, 4096, fxkd.CompressConfig(mode="kernel")).systems == (
+        8 * (5 * 2049 * 2049 + 3 * 2049 * 10)  # enough rows: the head's kernel system
+    )
