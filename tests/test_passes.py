@@ -48,26 +48,3 @@ def test_finite_check_of_the_normal_equations_catches_nan_and_both_infinities():
     h = g.clone()
     h[0, 0, 0], h[1, 1, 1] = float("inf"), float("-inf")  # they would cancel to NaN
     assert not _finite(h)
-
-
-def test_pointwise_adapter_gemm_path_equals_the_1x1_conv():
-    """On a CPU a map with more positions than channels is adapted by one batched GEMM; it
-    computes the grouped-1x1-conv definition (fp64, exact to rounding)."""
-    from types import SimpleNamespace
-
-    import torch.nn.functional as F
-
-    from fxkd.passes.adapter import PointwiseAdapter
-
-    torch.manual_seed(0)
-    for shape in [(3, 8, 5, 5), (2, 4, 7), (2, 16, 3, 3)]:  # GEMM, GEMM (1-D), conv (9 < 16)
-        x = torch.randn(*shape, dtype=torch.float64)
-        c, dims = shape[1], len(shape) - 2
-        site = SimpleNamespace(channels=c, groups=1, dims=dims)
-        adapter = PointwiseAdapter(SimpleNamespace(site=site), bias=True).double()
-        with torch.no_grad():
-            adapter.weight.normal_()
-            adapter.bias.normal_()
-        conv = {1: F.conv1d, 2: F.conv2d}[dims]
-        want = conv(x, adapter.weight.reshape(c, c, *[1] * dims), adapter.bias)
-        torch.testing.assert_close(adapter(x), want, rtol=1e-12, atol=1e-12)
