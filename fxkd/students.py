@@ -134,7 +134,6 @@ def _prune_with_fxkd(
     maps recorded like ``_prune_all``. Returns the student and the number of streams and
     regions pruned."""
     from fxkd.chain_prune import prune_chains
-    from fxkd.lane_prune import prune_lanes
     from fxkd.stream_prune import prune_streams
 
     student = copy.deepcopy(teacher).eval()
@@ -147,7 +146,7 @@ def _prune_with_fxkd(
         stream_maps, pruned = prune_streams(student, ratio, example_inputs, importance, ignored)
         maps.update(stream_maps)
         skip = set(maps) | {n for n, m in student.named_modules() if m in ignored}
-        lane_maps, regions = prune_lanes(student, ratio, example_inputs, importance, skip)
+        student, lane_maps, regions = _with_lanes(student, ratio, example_inputs, importance, skip)
         maps.update(lane_maps)
         pruned += regions
     if not maps:
@@ -166,6 +165,27 @@ def _prune_with_fxkd(
         ) from exc
     setattr(student, CHANNEL_MAPS_ATTR, maps)
     return student, len(pruned)
+
+
+def _with_lanes(student, ratio, example_inputs, importance, skip):
+    """fxkd.lane_prune on a copy of ``student``; the copy only when the analysis succeeds and
+    the result runs on ``example_inputs``, else ``student`` as it was (a warning says why)."""
+    from fxkd.lane_prune import prune_lanes
+
+    candidate = copy.deepcopy(student)
+    try:
+        maps, regions = prune_lanes(candidate, ratio, example_inputs, importance, skip)
+        with torch.no_grad():
+            candidate(example_inputs)
+    except Exception as exc:  # an op the tag run does not model: block outputs keep width
+        log.warning(
+            "fxkd.lane_prune could not prune the routed block outputs (%s: %s); they keep "
+            "their width",
+            type(exc).__name__,
+            exc,
+        )
+        return student, {}, []
+    return candidate, maps, regions
 
 
 def _prune_all(teacher, ratio, importance, example_inputs, ignored_layers) -> nn.Module:

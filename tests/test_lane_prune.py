@@ -190,3 +190,20 @@ def test_channel_mixing_activations_keep_their_width_and_flatten_routes():
     maps, regions = prune_lanes(model, 0.5, torch.randn(2, 3, 8, 8))
     assert sorted(p for r in regions for p in r.producers) == ["b", "c"] == sorted(maps)
     assert model.a.out_channels == 8 and model.b.out_channels == 4 and model.head.in_features == 2
+
+
+def test_a_failing_lane_analysis_leaves_the_fallback_student_as_it_was(monkeypatch, caplog):
+    """prune's fallback never breaks on the lane analysis: when it raises, the block outputs
+    keep their width, the rest of the fallback stands and a warning says why."""
+    import fxkd.lane_prune
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("an op the tag run does not model")
+
+    monkeypatch.setattr(fxkd.lane_prune, "prune_lanes", broken)
+    teacher = _shufflenet()
+    with caplog.at_level("WARNING"):
+        student = prune(teacher, 0.5, example_inputs=torch.randn(2, 3, 32, 32))
+    assert "could not prune the routed block outputs" in caplog.text
+    assert student.stage2[1].branch2[5].out_channels == 24  # block outputs: full width
+    assert student.stage2[1].branch2[0].out_channels == 12  # the chains are still pruned
