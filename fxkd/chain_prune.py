@@ -130,7 +130,13 @@ def _slice_out(conv: nn.Module, kept: torch.Tensor, depthwise: bool = False) -> 
 
 
 def _slice_in(conv: nn.Module, kept: list[int], channels: int) -> None:
-    """Keep input channels ``kept`` of ``channels``: per group, the local indices kept."""
+    """Keep input channels ``kept`` of ``channels`` (of a conv: per group, the local indices
+    kept; of a Linear: its input features)."""
+    if isinstance(conv, nn.Linear):
+        with torch.no_grad():
+            conv.weight = nn.Parameter(conv.weight[:, torch.tensor(kept)].clone())
+        conv.in_features = len(kept)
+        return
     g = conv.groups
     per = channels // g
     local = [[k % per for k in kept if k // per == grp] for grp in range(g)]

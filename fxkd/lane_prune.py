@@ -41,15 +41,13 @@ from torch import nn
 from torch.fx.passes.shape_prop import ShapeProp
 
 from fxkd.chain_prune import _slice_bn, _slice_in, _slice_out
-from fxkd.nodes import is_elementwise_nonlinearity
-from fxkd.stream_prune import _PER_CHANNEL, _PER_CHANNEL_FUNCTIONS
+from fxkd.nodes import is_elementwise_nonlinearity, module_call_counts
+from fxkd.stream_prune import _BN, _CONVS, _PER_CHANNEL, _PER_CHANNEL_FUNCTIONS, _shape
 from fxkd.trace import trace
 
 __all__ = ["Region", "prune_lanes"]
 
 log = logging.getLogger(__name__)
-_CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
-_BN = nn.modules.batchnorm._BatchNorm
 _ROUTING_FUNCTIONS = {
     torch.cat,
     torch.concat,
@@ -136,11 +134,6 @@ def _channel_ids(t: torch.Tensor) -> list[int] | None:
     return [int(v) for v in flat[:, 0].tolist()]
 
 
-def _meta_shape(node: fx.Node) -> tuple[int, ...] | None:
-    shape = getattr(node.meta.get("tensor_meta"), "shape", None)
-    return tuple(shape) if shape is not None else None
-
-
 class _TagRun(fx.Interpreter):
     """Runs ``gm`` on tag tensors (batch 1, the example's spatial sizes); ``widths`` overrides
     producers' output widths."""
@@ -152,7 +145,7 @@ class _TagRun(fx.Interpreter):
         self.seen = _Run()
 
     def _tag(self, ids: torch.Tensor, node: fx.Node) -> torch.Tensor | None:
-        shape = _meta_shape(node)
+        shape = _shape(node)
         if shape is None or len(shape) < 2:
             return None
         spatial = shape[2:]
@@ -161,7 +154,7 @@ class _TagRun(fx.Interpreter):
     def _opaque(self, node: fx.Node, inputs: list[torch.Tensor]) -> torch.Tensor | None:
         for t in inputs:
             self.seen.frozen |= _ids(t)
-        shape = _meta_shape(node)
+        shape = _shape(node)
         if shape is None or len(shape) < 2:
             return torch.zeros(1, *shape[1:], dtype=torch.float64) if shape else None
         return self._tag(self.seen.fresh(shape[1]), node)
@@ -327,16 +320,12 @@ def _assign(teacher: _Run, pruned: _Run, producers, importance, model) -> dict |
     if any(len(js) > len(by_owner_t.get(k, ())) for k, js in by_owner_s.items()):
         return None
     scores = {p: _scores(model, teacher, p, importance) for p in producers}
-    sigma: dict[str, list[int]] = {p: [] for p in producers}
     slots: dict[str, dict[int, int]] = {p: {} for p in producers}
     for (p, sig), js in by_owner_s.items():
         fs = by_owner_t[(p, sig)]
         best = sorted(sorted(fs, key=lambda f: -float(scores[p][f]))[: len(js)])
-        for j, f in zip(sorted(js), best, strict=True):
-            slots[p][j] = f
-    for p in producers:
-        sigma[p] = [slots[p][j] for j in range(len(slots[p]))]
-    return sigma
+        slots[p].update(zip(sorted(js), best, strict=True))
+    return {p: [slots[p][j] for j in range(len(slots[p]))] for p in producers}
 
 
 def _candidates(widths: list[int], ratio: float):
@@ -368,10 +357,7 @@ def prune_lanes(
     the regions pruned."""
     gm = trace(model)
     ShapeProp(gm).propagate(example_inputs)
-    calls: dict[str, int] = defaultdict(int)
-    for n in gm.graph.nodes:
-        if n.op == "call_module":
-            calls[str(n.target)] += 1
+    calls = module_call_counts(gm)
     shape = tuple(example_inputs.shape)
     teacher = _tag_run(gm, shape, {}, calls)
     maps: dict[str, list[int]] = {}
@@ -409,16 +395,13 @@ def _edits(teacher: _Run, pruned: _Run, sigma, producers) -> list[tuple[str, str
     """(kind, module, teacher channel per student channel, teacher width) for every module the
     region's lanes touch."""
     edits = [("producer", p, sigma[p], 0) for p in producers]
-    position = {
-        name: {lane: i for i, lane in enumerate(lanes)} for name, lanes in teacher.inputs.items()
-    }
-    key = {lane: (p, f) for lane, (p, f) in teacher.lanes.items()}
-    lane_of = {v: k for k, v in key.items()}
+    lane_of = {owner: lane for lane, owner in teacher.lanes.items()}
     for name, slots in pruned.inputs.items():
         owners = [pruned.lanes.get(s) for s in slots]
         if not any(o is not None and o[0] in producers for o in owners):
             continue
-        index = [position[name][lane_of[(p, sigma[p][j])]] for p, j in owners]
+        position = {lane: i for i, lane in enumerate(teacher.inputs[name])}
+        index = [position[lane_of[(p, sigma[p][j])]] for p, j in owners]
         edits.append((pruned.kinds[name], name, index, len(teacher.inputs[name])))
     return edits
 
@@ -433,9 +416,5 @@ def _apply(model, kind, name, index, channels, maps) -> None:
     elif kind == "depthwise":
         _slice_out(module, idx, depthwise=True)
         maps[name] = list(index)
-    elif isinstance(module, nn.Linear):
-        with torch.no_grad():
-            module.weight = nn.Parameter(module.weight[:, idx].clone())
-        module.in_features = len(index)
     else:
         _slice_in(module, list(index), channels)

@@ -223,13 +223,7 @@ def prune_streams(
         for bn in bns:
             _slice_bn(bn, index)
         for name in stream.readers:
-            reader = model.get_submodule(name)
-            if isinstance(reader, nn.Linear):
-                with torch.no_grad():
-                    reader.weight = nn.Parameter(reader.weight[:, index].clone())
-                reader.in_features = len(kept)
-            else:
-                _slice_in(reader, kept, stream.channels)
+            _slice_in(model.get_submodule(name), kept, stream.channels)
         pruned.append(stream)
         log.debug("stream of %s: kept %d of %d", stream.producers, len(kept), stream.channels)
     return maps, pruned

@@ -128,7 +128,7 @@ def prune(
 
 def _prune_with_fxkd(
     teacher, ratio, importance, example_inputs, ignored_layers, streams: bool = False
-) -> nn.Module:
+) -> tuple[nn.Module, int]:
     """``scope="internal"``: fxkd.chain_prune on a copy (and, with ``streams``, then the
     block outputs: fxkd.stream_prune's residual streams and fxkd.lane_prune's routing regions);
     maps recorded like ``_prune_all``. Returns the student and the number of streams and

@@ -353,13 +353,11 @@ class CalibrateAdapters(FxkdPass):
                 y = y_target
                 if residual_node is not None:
                     y = y - student.chunk(residual_node, i)[sl]
-                if identity:  # y − r − Σ site values, through the seen-through steps
+                if identity:  # (y − r) − Σ site values, through the seen-through steps
                     v = student.chunk(members[0].node.args[0], i)[sl]
                     for m in [*members[1:], *extra]:
                         v = v + student.chunk(m.node.args[0], i)[sl]
-                    diff = y_target - redo_steps(student.gm, steps, v).to(y_target)
-                    if residual_node is not None:
-                        diff -= student.chunk(residual_node, i)[sl].to(diff)
+                    diff = y - redo_steps(student.gm, steps, v).to(y)
                     sums = _accumulate(sums, diff, y_target)
                 for o in extra:  # other members held fixed at their current output
                     y = y - o.module(*[student.chunk(a, i)[sl] for a in o.node.args])
