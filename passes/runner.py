@@ -103,10 +103,13 @@ class GraphRunner:
             ]
         else:
             fn = self._callable(node)
+            get = self._fetch if self.offload else _same
             out = []
             for i in range(len(self.chunks)):
-                args = map_arg(node.args, lambda a, i=i: self._fetch(self.env[a][i]))
-                kwargs = map_arg(node.kwargs, lambda a, i=i: self._fetch(self.env[a][i]))
+                args = map_arg(node.args, lambda a, i=i: get(self.env[a][i]))
+                kwargs = (
+                    map_arg(node.kwargs, lambda a, i=i: get(self.env[a][i])) if node.kwargs else {}
+                )
                 out.append(self._store(fn(*args, **kwargs)))
         self.env[node] = out
         if node.op != "get_attr":
@@ -152,7 +155,8 @@ class GraphRunner:
 
     def _count(self, out: list, sign: int) -> None:
         """Track the bytes of distinct storages held (views of one storage count once)."""
-        for t in tree_leaves(out):
+        plain = all(type(t) is torch.Tensor for t in out)  # the usual case: skip the pytree walk
+        for t in out if plain else tree_leaves(out):
             if not isinstance(t, torch.Tensor) or t.device.type == "meta":
                 continue
             storage = t.untyped_storage()
@@ -179,6 +183,10 @@ class GraphRunner:
         if node.op == "call_method":
             return lambda obj, *a, **k: getattr(obj, node.target)(*a, **k)
         raise CalibrationError(f"cannot run node {node.name} (op {node.op})")
+
+
+def _same(v):
+    return v
 
 
 def _to_host(v):
