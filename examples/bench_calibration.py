@@ -158,29 +158,39 @@ def matmul_rate(device: torch.device) -> float:
 
 
 class GramMeter:
-    """Counts the FLOPs of NormalEquations.update_blocks and times them (device synced)."""
+    """Counts the FLOPs of NormalEquations' updates (update_blocks and update_patches: the
+    Gram and cross GEMMs) and times them, patch building and shifts included (device
+    synced)."""
+
+    METHODS = ("update_blocks", "update_patches")
 
     def __init__(self, device: torch.device) -> None:
         self.device, self.flops, self.seconds = device, 0, 0.0
 
     def __enter__(self):
-        self.original = NormalEquations.update_blocks
+        self.originals = {name: getattr(NormalEquations, name) for name in self.METHODS}
+        for name, original in self.originals.items():
+            setattr(NormalEquations, name, self._metered(original))
+        return self
+
+    def _metered(self, original):
         meter = self
 
-        def update_blocks(eqs, x, y):
-            b, p, d, length = x.shape
-            meter.flops += 2 * p * d * (d + y.shape[2]) * b * length
+        def update(eqs, *args):
+            y = args[-1]  # (B, P, K, L)
+            b, p, k, length = y.shape
+            meter.flops += 2 * p * eqs.features * (eqs.features + k) * b * length
             _sync(meter.device)
             start = time.perf_counter()
-            meter.original(eqs, x, y)
+            original(eqs, *args)
             _sync(meter.device)
             meter.seconds += time.perf_counter() - start
 
-        NormalEquations.update_blocks = update_blocks
-        return self
+        return update
 
     def __exit__(self, *exc):
-        NormalEquations.update_blocks = self.original
+        for name, original in self.originals.items():
+            setattr(NormalEquations, name, original)
 
 
 def measure(teacher, student, samples, mode, args, device) -> dict:

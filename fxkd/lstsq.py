@@ -27,6 +27,7 @@ one Cholesky instead of an eigendecomposition.
 from __future__ import annotations
 
 import logging
+import math
 from dataclasses import dataclass
 
 import torch
@@ -87,7 +88,33 @@ class Conditioning:
 
 
 class NormalEquations:
-    """Accumulates and solves P least-squares systems with D features (+bias) and K targets."""
+    """Accumulates and solves P least-squares systems with D features (+bias) and K targets.
+
+    The rows arrive as *centred* features ``x_c`` with a known shift ``M``, ``x = x_c + M``:
+
+    - ``update_blocks``: ``M = 1μᵀ``, μ the first update's feature means (every feature shifted
+      alike);
+    - ``update_patches``: a conv's im2col patches of ``x − μ_c`` (μ_c per input channel, zero
+      padding), so ``M[row, f] = μ_f · m[pos(row), k(f)]``, ``m`` the in-bounds mask of kernel
+      offset ``k(f)`` at an output position (1 inside, 0 where the patch reads padding). With
+      ``E`` (nk, D), ``E[k, f] = μ_f·[k(f) = k]``, the masked sums ``S = Σ_rows x_cᵀ m``,
+      ``T = Σ_rows y_cᵀ m``, the counts ``N = mᵀm`` (summed over rows), ``c = 1ᵀm`` and
+      ``y = y_c + 1νᵀ``::
+
+          xᵀx = x_cᵀx_c + S E + (S E)ᵀ + Eᵀ N E
+          xᵀy = x_cᵀy_c + s_x νᵀ + Eᵀ Tᵀ + (Eᵀ c) νᵀ,     1ᵀx = s_x + Eᵀ c
+
+      (``update_blocks`` is the case nk = 1, m = 1, where S = s_x and N = c = rows).
+
+    Per update only the fp32 products ``x_cᵀx_c``, ``x_cᵀy_c`` (one GEMM each, accumulated in
+    place, flushed to fp64 every ``FLUSH_ROWS`` rows) and the small sums are taken; the D×D
+    shift terms are added once, in fp64, when ``gram`` / ``cross`` are read (they are linear
+    in the sums: μ, ν stay fixed after the first update). Rounding thus scales with the
+    features' spread, not their mean (BatchNorm/ReLU features have large means)."""
+
+    FLUSH_ROWS = 1 << 17
+    """fp32 product rows accumulated before they are added to the fp64 sums (about one GEMM's
+    own summation length)."""
 
     def __init__(
         self,
@@ -100,11 +127,22 @@ class NormalEquations:
     ) -> None:
         self.bias = bias
         self.features = features
+        self.targets = targets
+        self.partitions = partitions
+        self.device = torch.device(device)
         width = features + int(bias)
-        self.gram = torch.zeros(partitions, width, width, dtype=torch.float64, device=device)
-        self.cross = torch.zeros(partitions, width, targets, dtype=torch.float64, device=device)
+        f64 = {"dtype": torch.float64, "device": device}
+        self._gram = torch.zeros(partitions, width, width, **f64)  # flushed, shift terms in
+        self._cross = torch.zeros(partitions, width, targets, **f64)
+        self._xx = torch.zeros(partitions, features, features, **f64)  # flushed x_cᵀx_c
+        self._xy = torch.zeros(partitions, features, targets, **f64)
+        self._acc: tuple[torch.Tensor, torch.Tensor] | None = None  # fp32 products, unflushed
+        self._acc_rows = 0
+        self._stats: dict[str, torch.Tensor] = {}  # s_x, s_y, S, T, N, c: running, fp64
+        self._shift: tuple[torch.Tensor, torch.Tensor] | None = None  # μ (P, D), ν (P, K)
+        self._offsets: torch.Tensor | None = None  # k(f), (D,)
+        self._final: tuple[torch.Tensor, torch.Tensor] | None = None
         self.rows = 0
-        self._shift: tuple[torch.Tensor, torch.Tensor] | None = None
 
     def update(self, x: torch.Tensor, y: torch.Tensor) -> None:
         """Add rows given row-major: ``x`` (P, rows, D), ``y`` (P, rows, K)."""
@@ -113,54 +151,138 @@ class NormalEquations:
     def update_blocks(self, x: torch.Tensor, y: torch.Tensor) -> None:
         """Add rows given feature-major, as layers hold them: ``x`` (B, P, D, L) and ``y``
         (B, P, K, L), rows = B·L (e.g. a conv output (N, C, H, W) viewed as (N, G, C/G, H·W):
-        no copy). Any float dtype.
-
-        The fp32 products are taken on shifted data (``x = x_c + 1μᵀ``, ``y = y_c + 1νᵀ``, with
-        the shift μ, ν the first chunk's mean, kept for every later chunk) and the shift terms
-        added back in fp64, exactly::
-
-            xᵀx = x_cᵀx_c + s_x μᵀ + μ s_xᵀ + n μμᵀ        (s_x = 1ᵀx_c, small)
-            xᵀy = x_cᵀy_c + s_x νᵀ + μ s_yᵀ + n μνᵀ
-
-        so rounding scales with the features' spread, not their mean (BatchNorm/ReLU features
-        have large means), and the sums barely depend on how rows are chunked or sharded. The
-        shift is written straight into a (P, D, rows) buffer, so shifting is also the one copy
-        that puts the rows in GEMM layout."""
-        dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
-        b, _, d, length = x.shape
-        n = b * length
-        if self._shift is None:  # fp32-rounded shifts: the algebra below is exact for any
-            self._shift = (
-                x.to(dtype).mean(dim=(0, 3)).to(torch.float64),
-                y.to(dtype).mean(dim=(0, 3)).to(torch.float64),
+        no copy). Any float dtype. The shift is written straight into a (P, D, rows) buffer,
+        so shifting is also the one copy that puts the rows in GEMM layout."""
+        dtype = _work_dtype(x)
+        if self._shift is None:  # fp32-rounded shifts: the algebra is exact for any shift
+            self._set_shift(
+                x.to(dtype).mean(dim=(0, 3)), y, dtype, torch.zeros(x.shape[2], dtype=torch.long)
             )
-        mu64, nu64 = (t.to(x.device)[:, None, :] for t in self._shift)  # (P, 1, D), (P, 1, K)
-        xc = _shifted(x, mu64, dtype)  # (P, D, rows)
-        yc = _shifted(y, nu64, dtype)  # (P, K, rows)
-        sx = xc.sum(dim=-1).double()[:, None, :]  # (P, 1, D); small: centred data
-        sy = yc.sum(dim=-1).double()[:, None, :]
-        mut = mu64.transpose(-1, -2)
-        gxx = (xc @ xc.transpose(-1, -2)).double() + sx.transpose(-1, -2) @ mu64 + mut @ sx
-        gxy = (xc @ yc.transpose(-1, -2)).double() + sx.transpose(-1, -2) @ nu64 + mut @ sy
-        gxx += n * (mut @ mu64)
-        gxy += n * (mut @ nu64)
-        self.gram[:, :d, :d] += gxx
-        self.cross[:, :d] += gxy
-        if self.bias:
-            colsum_x = sx + n * mu64  # 1ᵀx, (P, 1, D)
-            self.gram[:, d:, :d] += colsum_x
-            self.gram[:, :d, d:] += colsum_x.transpose(-1, -2)
-            self.gram[:, d, d] += n
-            self.cross[:, d:] += sy + n * nu64
-        self.rows += n
+        xc = _shifted(x, self._shift[0].to(x.device)[:, None, :], dtype)
+        ones = torch.ones(x.shape[3], 1, dtype=torch.float64, device=x.device)
+        self._add(xc, y, ones)
+
+    def update_patches(self, x: torch.Tensor, producer, y: torch.Tensor) -> None:
+        """Add the rows of a conv ``producer``'s input ``x`` (B, C, *S) as its im2col patches
+        (what its kernel multiplies; features per group ordered like ``weight[o].flatten()``),
+        against ``y`` (B, P, K, L), P = the conv's groups. The patches are built once, already
+        centred and in GEMM layout (``centred_patch_rows``): no separate shift pass over the
+        k²-times larger patch matrix."""
+        from fxkd.patches import centred_patch_rows
+
+        dtype = _work_dtype(x)
+        g, c = producer.groups, x.shape[1]
+        taps = math.prod(producer.kernel_size)
+        if self._shift is None:
+            mu_c = x.to(dtype).mean(dim=(0, *range(2, x.dim())))
+            mu = mu_c.view(g, c // g, 1).expand(g, c // g, taps).reshape(g, -1)
+            self._set_shift(mu, y, dtype, torch.arange(self.features) % taps)
+        mu_c = self._shift[0].view(g, c // g, taps)[:, :, 0].reshape(-1).to(x.device, dtype)
+        xc, mask = centred_patch_rows(x.to(dtype), producer, mu_c)
+        self._add(xc, y, mask)
+
+    def _set_shift(self, mu: torch.Tensor, y: torch.Tensor, dtype, offsets) -> None:
+        nu = y.to(dtype).mean(dim=(0, 3))
+        self._shift = (mu.to(torch.float64), nu.to(torch.float64))
+        self._offsets = offsets.to(self.device)
+
+    def _add(self, xc: torch.Tensor, y: torch.Tensor, mask: torch.Tensor) -> None:
+        """Accumulate centred rows ``xc`` (P, D, B·L) against targets ``y`` (B, P, K, L) with
+        the per-position offset mask (L, nk) of the shift (all ones: a uniform shift)."""
+        b, p, k, length = y.shape
+        d = xc.shape[1]
+        nu = self._shift[1].to(y.device)
+        yc = _shifted(y, nu[:, None, :], xc.dtype)  # (P, K, rows)
+        if self._acc is None or self._acc[0].dtype != xc.dtype:
+            self._flush()
+            self._acc = (
+                torch.zeros(p, d, d, dtype=xc.dtype, device=xc.device),
+                torch.zeros(p, d, k, dtype=xc.dtype, device=xc.device),
+            )
+        self._acc[0].baddbmm_(xc, xc.transpose(-1, -2))
+        self._acc[1].baddbmm_(xc, yc.transpose(-1, -2))
+        self._acc_rows += b * length
+        x_sum = xc.view(p, d, b, length).sum(dim=2).double()  # over samples: (P, D, L)
+        y_sum = yc.view(p, k, b, length).sum(dim=2).double()
+        mask = mask.to(x_sum)
+        stats = {
+            "sx": x_sum.sum(dim=-1),
+            "sy": y_sum.sum(dim=-1),
+            "S": x_sum @ mask,
+            "T": y_sum @ mask,
+            "N": b * (mask.T @ mask),
+            "c": b * mask.sum(dim=0),
+            "n": torch.tensor(float(b * length), dtype=torch.float64, device=x_sum.device),
+        }
+        for key, value in stats.items():
+            self._stats[key] = self._stats[key] + value if key in self._stats else value
+        self.rows += b * length
+        self._final = None
+        if self._acc_rows >= self.FLUSH_ROWS:
+            self._flush()
+
+    def _flush(self) -> None:
+        if self._acc is not None and self._acc_rows:
+            self._xx += self._acc[0].to(self._xx)
+            self._xy += self._acc[1].to(self._xy)
+            self._acc[0].zero_()
+            self._acc[1].zero_()
+        self._acc_rows = 0
+
+    def _finalize(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(gram, cross): the flushed sums plus the shift terms, in fp64."""
+        if self._final is not None:
+            return self._final
+        self._flush()
+        gram, cross = self._gram.clone(), self._cross.clone()
+        if self._stats:
+            d = self.features
+            st = self._stats
+            mu, nu = (t.to(self._xx.device) for t in self._shift)
+            kf = self._offsets.to(self._xx.device)
+            nk = st["N"].shape[0]
+            e = torch.zeros(mu.shape[0], nk, d, dtype=torch.float64, device=mu.device)
+            e.scatter_(1, kf.expand(mu.shape[0], d)[:, None, :], mu[:, None, :])  # E (P, nk, D)
+            half = st["S"] + 0.5 * (e.transpose(1, 2) @ st["N"])  # S + ½EᵀN: (P, D, nk)
+            z = half @ e  # S E + ½ EᵀNE
+            gram[:, :d, :d] += self._xx + z + z.transpose(-1, -2)
+            shift_sum = (e.transpose(1, 2) @ st["c"][None, :, None])[..., 0]  # Eᵀc = Σ M: (P, D)
+            cross[:, :d] += (
+                self._xy
+                + (st["sx"] + shift_sum)[:, :, None] * nu[:, None, :]
+                + e.transpose(1, 2) @ st["T"].transpose(1, 2)
+            )
+            if self.bias:
+                colsum = st["sx"] + shift_sum
+                gram[:, d, :d] += colsum
+                gram[:, :d, d] += colsum
+                gram[:, d, d] += st["n"]
+                cross[:, d] += st["sy"] + st["n"] * nu
+        self._final = (gram, cross)
+        return self._final
+
+    @property
+    def gram(self) -> torch.Tensor:
+        """(P, D[+1], D[+1]) fp64: ``[x 1]ᵀ[x 1]`` over every row added."""
+        return self._finalize()[0]
+
+    @property
+    def cross(self) -> torch.Tensor:
+        """(P, D[+1], K) fp64: ``[x 1]ᵀ y``."""
+        return self._finalize()[1]
 
     def all_reduce(self) -> None:
         """Sum the statistics (and the row count) over ranks when torch.distributed is
-        initialised."""
-        self.gram = all_reduce_sum(self.gram)
-        self.cross = all_reduce_sum(self.cross)
-        rows = torch.tensor([float(self.rows)], dtype=torch.float64, device=self.gram.device)
+        initialised. Each rank's shift terms are applied first (ranks shift differently); the
+        reduced sums become the base that later updates add to."""
+        gram, cross = self._finalize()
+        rows = torch.tensor([float(self.rows)], dtype=torch.float64, device=gram.device)
+        self._gram, self._cross = all_reduce_sum(gram), all_reduce_sum(cross)
         self.rows = int(all_reduce_sum(rows).item())
+        self._xx.zero_()
+        self._xy.zero_()
+        self._stats = {}
+        self._final = None
 
     def conditioning(self) -> Conditioning:
         """Dead and dependent features and a condition bound of the accumulated features. With
@@ -234,6 +356,11 @@ def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
     buf = t.to(where)
     dist.all_reduce(buf)
     return buf.to(t.device)
+
+
+def _work_dtype(x: torch.Tensor) -> torch.dtype:
+    """The GEMMs' dtype: fp64 for fp64 data, else fp32."""
+    return torch.float64 if x.dtype == torch.float64 else torch.float32
 
 
 def _shifted(v: torch.Tensor, shift64: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:

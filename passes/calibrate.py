@@ -343,13 +343,16 @@ class CalibrateAdapters(FxkdPass):
         channels = members[0].module.pair.site.channels
         eqs = NormalEquations(g, sum(sizes), channels // g, bias=bias, device=targets[0].device)
         subsample = self.config.subsample < 1.0 and dims > 0
+        # one conv solved by its kernel: patches built centred, in GEMM layout (update_patches)
+        conv_patches = len(members) == 1 and not members[0].pointwise and dims > 0 and not subsample
         sums = None
         for i, y_chunk in enumerate(targets):
             pieces = [slice(None)] if subsample else _slices(y_chunk)
             for sl in pieces:
                 y_target = y_chunk[sl]
-                feats = [m.features(student, i, sl) for m in members]
-                feats = feats[0] if len(feats) == 1 else torch.cat(feats, dim=2)
+                if not conv_patches:
+                    feats = [m.features(student, i, sl) for m in members]
+                    feats = feats[0] if len(feats) == 1 else torch.cat(feats, dim=2)
                 y = y_target
                 if residual_node is not None:
                     y = y - student.chunk(residual_node, i)[sl]
@@ -366,7 +369,11 @@ class CalibrateAdapters(FxkdPass):
                     keep = _positions(y.shape[-1], self.config.subsample, (self.config.seed, i))
                     keep = keep.to(y.device)
                     feats, y = feats.index_select(-1, keep), y.index_select(-1, keep)
-                eqs.update_blocks(feats, y)
+                if conv_patches:
+                    x_in = student.chunk(members[0].node.args[1], i)[sl]
+                    eqs.update_patches(x_in, members[0].producer, y)
+                else:
+                    eqs.update_blocks(feats, y)
         eqs.all_reduce()
         if not _finite(eqs.gram):
             raise CalibrationError(

@@ -1,3 +1,5 @@
+import math
+
 import pytest
 import torch
 
@@ -140,3 +142,93 @@ def test_eigenvalue_count_on_the_gpu_equals_the_cpus():
     corr = s * d[..., :, None] * d[..., None, :]
     want = int((torch.linalg.eigvalsh(corr).clamp_min(0) < DEPENDENT_PIVOT).sum())
     assert _count_below(corr.cuda(), DEPENDENT_PIVOT) == _count_below(corr, DEPENDENT_PIVOT) == want
+
+
+_CONVS = {1: torch.nn.Conv1d, 2: torch.nn.Conv2d, 3: torch.nn.Conv3d}
+
+
+@pytest.mark.parametrize(
+    "conv",
+    [
+        {"dims": 2, "kernel_size": 3, "padding": 1},
+        {"dims": 2, "kernel_size": 3, "padding": 0, "stride": 2},
+        {"dims": 2, "kernel_size": (3, 5), "padding": (2, 1), "dilation": (2, 1)},
+        {"dims": 2, "kernel_size": 4, "padding": "same"},  # asymmetric padding
+        {"dims": 2, "kernel_size": 3, "padding": 1, "groups": 2},
+        {"dims": 2, "kernel_size": 3, "padding": 1, "groups": 6},  # depthwise
+        {"dims": 2, "kernel_size": 1},
+        {"dims": 1, "kernel_size": 5, "padding": 2, "stride": 2},
+        {"dims": 3, "kernel_size": 3, "padding": 1},
+    ],
+)
+@pytest.mark.parametrize("bias", [True, False])
+def test_centred_patches_accumulate_the_same_normal_equations(conv, bias):
+    """update_patches (patches of x − μ_c in GEMM layout plus the mask algebra) sums the same
+    Gram and cross products as update_blocks on F.unfold's patches, in fp64, over several
+    updates, for strides, dilations, asymmetric padding, groups and 1-3 spatial dims; the
+    features' large means (ReLU of shifted data) make the shift terms matter."""
+    from fxkd.patches import patch_blocks
+
+    conv = dict(conv)
+    dims = conv.pop("dims")
+    module = _CONVS[dims](6, 4 if conv.get("groups", 1) < 6 else 6, **conv).double()
+    g = module.groups
+    k = module.out_channels // g
+    d = (6 // g) * math.prod(module.kernel_size)
+    blocks, patches = (NormalEquations(g, d, k, bias=bias) for _ in range(2))
+    gen = torch.Generator().manual_seed(1)
+    for n in (3, 2, 4):
+        x = (torch.randn(n, 6, *[7] * dims, generator=gen, dtype=torch.float64) + 2).relu()
+        with torch.no_grad():
+            y = module(x) + 0.1 * torch.randn(module(x).shape, generator=gen, dtype=torch.float64)
+        y = y.reshape(n, g, k, -1)
+        blocks.update_blocks(patch_blocks(x, module), y)
+        patches.update_patches(x, module, y)
+    assert patches.rows == blocks.rows
+    torch.testing.assert_close(patches.gram, blocks.gram, rtol=1e-12, atol=1e-9)
+    torch.testing.assert_close(patches.cross, blocks.cross, rtol=1e-12, atol=1e-9)
+
+
+def test_reading_the_sums_midway_does_not_change_them():
+    """gram/cross are assembled from the running sums when read; reading them between updates
+    (or all_reduce without a process group) must not lose or double any term."""
+    x, y, _ = _planted(groups=2, d=4, k=3, rows=90)
+    whole, midway = NormalEquations(2, 4, 3, bias=True), NormalEquations(2, 4, 3, bias=True)
+    whole.update(x + 5.0, y)
+    for xs, ys in zip((x + 5.0).split(30, dim=1), y.split(30, dim=1), strict=True):
+        midway.update(xs, ys)
+        _ = midway.gram, midway.cross
+        midway.all_reduce()
+    torch.testing.assert_close(midway.gram, whole.gram, rtol=1e-10, atol=1e-8)
+    torch.testing.assert_close(midway.cross, whole.cross, rtol=1e-10, atol=1e-8)
+    assert midway.rows == whole.rows == 90
+
+
+def test_fp32_patches_keep_the_spread_not_the_mean():
+    """fp32 features with a mean 300 times their spread: the centred second moments from
+    update_patches are as accurate as update_blocks' (rounding scales with the spread)."""
+    from fxkd.patches import patch_blocks
+
+    module = torch.nn.Conv2d(8, 8, 3, padding=1)
+    gen = torch.Generator().manual_seed(2)
+    x = torch.randn(16, 8, 12, 12, generator=gen) + 300.0
+    y = torch.randn(16, 1, 8, 144, generator=gen) + 50.0
+    exact = NormalEquations(1, 72, 8, bias=True)
+    exact.update_blocks(patch_blocks(x.double(), module), y.double())
+
+    def centred(eqs):
+        d, n = 72, eqs.rows
+        mean = eqs.gram[:, d:, :d] / n
+        return eqs.gram[:, :d, :d] / n - mean.transpose(-1, -2) @ mean
+
+    errors = {}
+    for name in ("blocks", "patches"):
+        eqs = NormalEquations(1, 72, 8, bias=True)
+        for xs, ys in zip(x.split(4), y.split(4), strict=True):
+            if name == "blocks":
+                eqs.update_blocks(patch_blocks(xs, module), ys)
+            else:
+                eqs.update_patches(xs, module, ys)
+        errors[name] = float((centred(eqs) - centred(exact)).norm() / centred(exact).norm())
+    assert errors["patches"] < 1e-5, errors
+    assert errors["patches"] < 3 * errors["blocks"] + 1e-7, errors
