@@ -36,6 +36,7 @@ class PointwiseAdapter(nn.Module):
         self.pair = pair
         self.dims = site.dims
         self.groups = g
+        self.kernel_shape = (c, k, *[1] * site.dims)  # as a 1x1 conv's weight
         self.weight = nn.Parameter(eye)
         self.bias = nn.Parameter(torch.zeros(c)) if bias else None
 
@@ -44,11 +45,10 @@ class PointwiseAdapter(nn.Module):
         b = self.bias.to(x.dtype) if self.bias is not None else None
         if self.dims == 0:
             return F.linear(x, w, b)
-        n, c, g = x.shape[0], x.shape[1], self.groups
-        k = c // g
-        positions = x[0, 0].numel()
-        if k > 1 and positions < k:  # few positions, many channels: oneDNN's 1x1 conv wins
-            return _CONV[self.dims](x, w.reshape(*w.shape, *([1] * self.dims)), b, groups=g)
+        n, g = x.shape[0], self.groups
+        if _tracing(x) or self._conv_is_faster(x):
+            return _CONV[self.dims](x, w.reshape(self.kernel_shape), b, groups=g)
+        k, positions = x.shape[1] // g, x[0, 0].numel()
         # as a (batched) GEMM over the (N, G, C/G, positions) view: oneDNN's 1x1 conv
         # reorders to and from its blocked layouts, 2-10x slower at 8-64 channels per group
         flat = x.reshape(n, g, k, positions)
@@ -56,6 +56,12 @@ class PointwiseAdapter(nn.Module):
         if b is not None:
             y = y.add_(b.view(1, g, k, 1))  # in place: the product is a fresh tensor
         return y.view(x.shape)
+
+    def _conv_is_faster(self, x: torch.Tensor) -> bool:
+        """Few positions, many channels per group (7×7 maps with 512 channels): oneDNN's 1x1
+        conv beats the GEMM there."""
+        k = x.shape[1] // self.groups
+        return k > 1 and x[0, 0].numel() < k
 
 
 class KernelAdapter(nn.Module):
@@ -94,6 +100,16 @@ class KernelAdapter(nn.Module):
 
 
 ADAPTER_TYPES = (PointwiseAdapter, KernelAdapter)
+
+
+def _tracing(x) -> bool:
+    """True while torch.fx, torch.export / torch.compile or the ONNX exporter trace the
+    module: the traced graph gets the plain op, eager calibration the fast one."""
+    return (
+        isinstance(x, torch.fx.Proxy)
+        or torch.compiler.is_compiling()
+        or torch.onnx.is_in_onnx_export()
+    )
 
 
 def adapter_points(gm: torch.fx.GraphModule) -> list[tuple[torch.fx.Node, nn.Module, object]]:

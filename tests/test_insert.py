@@ -68,4 +68,7 @@ def test_pointwise_adapter_is_its_grouped_1x1_conv(dims, channels, groups, spati
     assert out.shape == x.shape
     torch.testing.assert_close(out, expected, rtol=1e-12, atol=1e-12)
     out.sum().backward()  # still differentiable, like the conv it replaces
+    traced = torch.fx.symbolic_trace(adapter)  # a traced graph gets the plain grouped conv
+    assert any(n.target is conv[dims - 1] for n in traced.graph.nodes)
+    torch.testing.assert_close(traced(x), expected, rtol=1e-12, atol=1e-12)
     assert adapter.weight.grad is not None and adapter.bias.grad is not None
