@@ -26,6 +26,7 @@ one Cholesky instead of an eigendecomposition.
 
 from __future__ import annotations
 
+import itertools
 import logging
 import math
 from dataclasses import dataclass
@@ -41,6 +42,9 @@ log = logging.getLogger(__name__)
 DEPENDENT_PIVOT = 1e-7
 """A feature whose unexplained share of variance is below this is numerically dependent (fp32
 features carry about 7 significant digits)."""
+
+SYMMETRIC_PANELS_FROM = 128
+"""Features from which the Gram product skips its upper block triangle."""
 
 ILL_CONDITIONED = 1e6
 """Condition bound above which the unridged solution is dominated by fp32 rounding noise."""
@@ -199,7 +203,8 @@ class NormalEquations:
                 torch.zeros(p, d, d, dtype=xc.dtype, device=xc.device),
                 torch.zeros(p, d, k, dtype=xc.dtype, device=xc.device),
             )
-        self._acc[0].baddbmm_(xc, xc.transpose(-1, -2))
+        for lo, hi in self._panels:  # lower block triangle only; the rest is its transpose
+            self._acc[0][:, lo:hi, :hi].baddbmm_(xc[:, lo:hi], xc[:, :hi].transpose(-1, -2))
         self._acc[1].baddbmm_(xc, yc.transpose(-1, -2))
         self._acc_rows += b * length
         x_sum = xc.view(p, d, b, length).sum(dim=2).double()  # over samples: (P, D, L)
@@ -221,9 +226,25 @@ class NormalEquations:
         if self._acc_rows >= self.FLUSH_ROWS:
             self._flush()
 
+    @property
+    def _panels(self) -> list[tuple[int, int]]:
+        """Row panels of the Gram product: panel [lo, hi) of x_cᵀx_c is taken against the
+        features before hi only, which skips the upper block triangle (symmetric): 4 panels
+        take 5/8 of the FLOPs, 0.66-0.84x the time of the full product at D = 288-2304 on a
+        2-core CPU. One panel (the full product) below ``SYMMETRIC_PANELS_FROM`` features."""
+        d = self.features
+        n = 4 if d >= SYMMETRIC_PANELS_FROM else 1
+        edges = [round(i * d / n) for i in range(n + 1)]
+        return list(itertools.pairwise(edges))
+
     def _flush(self) -> None:
         if self._acc is not None and self._acc_rows:
-            self._xx += self._acc[0].to(self._xx)
+            lower = self._acc[0].to(self._xx)
+            if len(self._panels) > 1:  # fill the skipped upper triangle from the lower one
+                hi = torch.tensor([h for lo, h in self._panels for _ in range(lo, h)])
+                below = torch.arange(self.features)[None, :] < hi[:, None]
+                lower = torch.where(below.to(lower.device), lower, lower.transpose(-1, -2))
+            self._xx += lower
             self._xy += self._acc[1].to(self._xy)
             self._acc[0].zero_()
             self._acc[1].zero_()

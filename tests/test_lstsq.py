@@ -232,3 +232,20 @@ def test_fp32_patches_keep_the_spread_not_the_mean():
         errors[name] = float((centred(eqs) - centred(exact)).norm() / centred(exact).norm())
     assert errors["patches"] < 1e-5, errors
     assert errors["patches"] < 3 * errors["blocks"] + 1e-7, errors
+
+
+@pytest.mark.parametrize("features", [127, 128, 301])
+def test_gram_panels_fill_the_symmetric_half(features):
+    """From SYMMETRIC_PANELS_FROM features on, the Gram product is taken by row panels against
+    the features before each panel's end; the skipped upper triangle is filled from the lower
+    one: the result is xᵀx (and the cross, bias row and column) exactly, in fp64."""
+    gen = torch.Generator().manual_seed(3)
+    x = torch.randn(2, 400, features, generator=gen, dtype=torch.float64) + 1.0
+    y = torch.randn(2, 400, 3, generator=gen, dtype=torch.float64)
+    eqs = NormalEquations(2, features, 3, bias=True)
+    for xs, ys in zip(x.split(150, dim=1), y.split(150, dim=1), strict=True):
+        eqs.update(xs, ys)
+    ones = torch.ones(2, 400, 1, dtype=torch.float64)
+    xa = torch.cat([x, ones], dim=-1)
+    torch.testing.assert_close(eqs.gram, xa.transpose(1, 2) @ xa, rtol=1e-12, atol=1e-9)
+    torch.testing.assert_close(eqs.cross, xa.transpose(1, 2) @ y, rtol=1e-12, atol=1e-9)
