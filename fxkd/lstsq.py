@@ -266,13 +266,15 @@ class NormalEquations:
             e.scatter_(1, kf.expand(mu.shape[0], d)[:, None, :], mu[:, None, :])  # E (P, nk, D)
             half = st["S"] + 0.5 * (e.transpose(1, 2) @ st["N"])  # S + ½EᵀN: (P, D, nk)
             z = half @ e  # S E + ½ EᵀNE
-            gram[:, :d, :d] += self._xx + z + z.transpose(-1, -2)
+            features = gram[:, :d, :d]  # in place: no D×D temporaries
+            features += self._xx
+            features += z
+            features += z.transpose(-1, -2)
             shift_sum = (e.transpose(1, 2) @ st["c"][None, :, None])[..., 0]  # Eᵀc = Σ M: (P, D)
-            cross[:, :d] += (
-                self._xy
-                + (st["sx"] + shift_sum)[:, :, None] * nu[:, None, :]
-                + e.transpose(1, 2) @ st["T"].transpose(1, 2)
-            )
+            targets = cross[:, :d]
+            targets += self._xy
+            targets += (st["sx"] + shift_sum)[:, :, None] * nu[:, None, :]
+            targets += e.transpose(1, 2) @ st["T"].transpose(1, 2)
             if self.bias:
                 colsum = st["sx"] + shift_sum
                 gram[:, d, :d] += colsum
@@ -347,10 +349,13 @@ class NormalEquations:
         d = self.features
         diag = torch.diagonal(g[:, :d, :d], dim1=-2, dim2=-1)
         lam = ridge * diag.mean(dim=-1).clamp_min(torch.finfo(torch.float64).tiny)
-        eye = torch.zeros_like(g[0])
-        eye[range(d), range(d)] = 1.0
-        a = g + lam[:, None, None] * eye
-        rhs = b if prior is None else b + lam[:, None, None] * (eye @ prior.to(b))
+        a = g.clone()  # G + λ·I_D: the ridge on the feature diagonal, none on the bias
+        torch.diagonal(a, dim1=-2, dim2=-1)[:, :d] += lam[:, None]
+        rhs = b
+        if prior is not None:  # + λ·I_D W0: the prior's feature rows (an elementwise product,
+            shrink = prior.to(b).clone()  # not a D³ product with an identity matrix)
+            shrink[:, d:] = 0
+            rhs = b + lam[:, None, None] * shrink
         chol, info = torch.linalg.cholesky_ex(a)
         w = torch.cholesky_solve(rhs, chol)
         bad = (info != 0) | ~torch.isfinite(w).flatten(1).all(dim=1)
