@@ -134,12 +134,9 @@ class NormalEquations:
         self.targets = targets
         self.partitions = partitions
         self.device = torch.device(device)
-        width = features + int(bias)
-        f64 = {"dtype": torch.float64, "device": device}
-        self._gram = torch.zeros(partitions, width, width, **f64)  # flushed, shift terms in
-        self._cross = torch.zeros(partitions, width, targets, **f64)
-        self._xx = torch.zeros(partitions, features, features, **f64)  # flushed x_cᵀx_c
-        self._xy = torch.zeros(partitions, features, targets, **f64)
+        self._base: tuple[torch.Tensor, torch.Tensor] | None = None  # reduced over ranks
+        self._xx: torch.Tensor | None = None  # flushed x_cᵀx_c, fp64, lower block triangle
+        self._xy: torch.Tensor | None = None  # flushed x_cᵀy_c, fp64
         self._acc: tuple[torch.Tensor, torch.Tensor] | None = None  # fp32 products, unflushed
         self._acc_rows = 0
         self._stats: dict[str, torch.Tensor] = {}  # s_x, s_y, S, T, N, c: running, fp64
@@ -238,41 +235,48 @@ class NormalEquations:
         return list(itertools.pairwise(edges))
 
     def _flush(self) -> None:
+        """Add the fp32 products to the fp64 sums (the Gram's skipped upper triangle stays
+        zero: ``_finalize`` fills it)."""
         if self._acc is not None and self._acc_rows:
-            lower = self._acc[0].to(self._xx)
-            if len(self._panels) > 1:  # fill the skipped upper triangle from the lower one
-                hi = torch.tensor([h for lo, h in self._panels for _ in range(lo, h)])
-                below = torch.arange(self.features)[None, :] < hi[:, None]
-                lower = torch.where(below.to(lower.device), lower, lower.transpose(-1, -2))
-            self._xx += lower
-            self._xy += self._acc[1].to(self._xy)
+            xx, xy = (a.to(torch.float64, copy=True) for a in self._acc)
+            self._xx = xx if self._xx is None else self._xx.add_(xx)
+            self._xy = xy if self._xy is None else self._xy.add_(xy)
             self._acc[0].zero_()
             self._acc[1].zero_()
         self._acc_rows = 0
 
     def _finalize(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """(gram, cross): the flushed sums plus the shift terms, in fp64."""
+        """(gram, cross): the flushed sums plus the shift terms, in fp64, written in place into
+        one new pair of matrices (or a copy of the sums reduced over ranks)."""
         if self._final is not None:
             return self._final
         self._flush()
-        gram, cross = self._gram.clone(), self._cross.clone()
+        d, p = self.features, self.partitions
+        width = d + int(self.bias)
+        if self._base is None:
+            f64 = {"dtype": torch.float64, "device": self.device}
+            gram = torch.zeros(p, width, width, **f64)
+            cross = torch.zeros(p, width, self.targets, **f64)
+        else:
+            gram, cross = (t.clone() for t in self._base)
+        features, targets = gram[:, :d, :d], cross[:, :d]
+        if self._xx is not None:
+            features += self._xx
+            targets += self._xy
+        for lo, hi in self._panels[:-1] if len(self._panels) > 1 else ():
+            features[:, lo:hi, hi:] = features[:, hi:, lo:hi].transpose(-1, -2)
         if self._stats:
-            d = self.features
             st = self._stats
-            mu, nu = (t.to(self._xx.device) for t in self._shift)
-            kf = self._offsets.to(self._xx.device)
+            mu, nu = (t.to(self.device) for t in self._shift)
+            kf = self._offsets.to(self.device)
             nk = st["N"].shape[0]
-            e = torch.zeros(mu.shape[0], nk, d, dtype=torch.float64, device=mu.device)
-            e.scatter_(1, kf.expand(mu.shape[0], d)[:, None, :], mu[:, None, :])  # E (P, nk, D)
+            e = torch.zeros(p, nk, d, dtype=torch.float64, device=self.device)
+            e.scatter_(1, kf.expand(p, d)[:, None, :], mu[:, None, :])  # E (P, nk, D)
             half = st["S"] + 0.5 * (e.transpose(1, 2) @ st["N"])  # S + ½EᵀN: (P, D, nk)
             z = half @ e  # S E + ½ EᵀNE
-            features = gram[:, :d, :d]  # in place: no D×D temporaries
-            features += self._xx
             features += z
             features += z.transpose(-1, -2)
             shift_sum = (e.transpose(1, 2) @ st["c"][None, :, None])[..., 0]  # Eᵀc = Σ M: (P, D)
-            targets = cross[:, :d]
-            targets += self._xy
             targets += (st["sx"] + shift_sum)[:, :, None] * nu[:, None, :]
             targets += e.transpose(1, 2) @ st["T"].transpose(1, 2)
             if self.bias:
@@ -296,16 +300,17 @@ class NormalEquations:
 
     def all_reduce(self) -> None:
         """Sum the statistics (and the row count) over ranks when torch.distributed is
-        initialised. Each rank's shift terms are applied first (ranks shift differently); the
-        reduced sums become the base that later updates add to."""
+        initialised (else nothing to do). Each rank's shift terms are applied first (ranks
+        shift differently); the reduced sums become the base that later updates add to."""
+        if not (dist.is_available() and dist.is_initialized()):
+            return
         gram, cross = self._finalize()
         rows = torch.tensor([float(self.rows)], dtype=torch.float64, device=gram.device)
-        self._gram, self._cross = all_reduce_sum(gram), all_reduce_sum(cross)
+        self._base = (all_reduce_sum(gram), all_reduce_sum(cross))
         self.rows = int(all_reduce_sum(rows).item())
-        self._xx.zero_()
-        self._xy.zero_()
+        self._xx = self._xy = None
         self._stats = {}
-        self._final = None
+        self._final = self._base
 
     def conditioning(self) -> Conditioning:
         """Dead and dependent features and a condition bound of the accumulated features. With
