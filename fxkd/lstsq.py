@@ -34,6 +34,8 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from fxkd.patches import centred_patch_rows
+
 __all__ = ["Conditioning", "NormalEquations", "all_reduce_sum"]
 
 log = logging.getLogger(__name__)
@@ -110,11 +112,12 @@ class NormalEquations:
 
       (``update_blocks`` is the case nk = 1, m = 1, where S = s_x and N = c = rows).
 
-    Per update only the fp32 products ``x_cᵀx_c``, ``x_cᵀy_c`` (one GEMM each, accumulated in
-    place, flushed to fp64 every ``FLUSH_ROWS`` rows) and the small sums are taken; the D×D
-    shift terms are added once, in fp64, when ``gram`` / ``cross`` are read (they are linear
-    in the sums: μ, ν stay fixed after the first update). Rounding thus scales with the
-    features' spread, not their mean (BatchNorm/ReLU features have large means)."""
+    Per update only the fp32 products ``x_cᵀx_c`` (its lower block triangle, ``_panels``) and
+    ``x_cᵀy_c`` (accumulated in place, flushed to fp64 every ``FLUSH_ROWS`` rows) and the small
+    sums are taken; the D×D shift terms are added once, in fp64, when ``gram`` / ``cross`` are
+    read (they are linear in the sums: μ, ν stay fixed after the first update). Rounding thus
+    scales with the features' spread, not their mean (BatchNorm/ReLU features have large
+    means)."""
 
     FLUSH_ROWS = 1 << 17
     """fp32 product rows accumulated before they are added to the fp64 sums (about one GEMM's
@@ -139,7 +142,7 @@ class NormalEquations:
         self._xy: torch.Tensor | None = None  # flushed x_cᵀy_c, fp64
         self._acc: tuple[torch.Tensor, torch.Tensor] | None = None  # fp32 products, unflushed
         self._acc_rows = 0
-        self._stats: dict[str, torch.Tensor] = {}  # s_x, s_y, S, T, N, c: running, fp64
+        self._stats: dict[str, torch.Tensor] = {}  # s_x, s_y, S, T, N, c, n: running, fp64
         self._shift: tuple[torch.Tensor, torch.Tensor] | None = None  # μ (P, D), ν (P, K)
         self._offsets: torch.Tensor | None = None  # k(f), (D,)
         self._final: tuple[torch.Tensor, torch.Tensor] | None = None
@@ -169,8 +172,6 @@ class NormalEquations:
         against ``y`` (B, P, K, L), P = the conv's groups. The patches are built once, already
         centred and in GEMM layout (``centred_patch_rows``): no separate shift pass over the
         k²-times larger patch matrix."""
-        from fxkd.patches import centred_patch_rows
-
         dtype = _work_dtype(x)
         g, c = producer.groups, x.shape[1]
         taps = math.prod(producer.kernel_size)
