@@ -142,9 +142,10 @@ class NormalEquations:
         self._xy: torch.Tensor | None = None  # flushed x_cᵀy_c, fp64
         self._acc: tuple[torch.Tensor, torch.Tensor] | None = None  # fp32 products, unflushed
         self._acc_rows = 0
-        self._stats: dict[str, torch.Tensor] = {}  # s_x, s_y, S, T, N, c, n: running, fp64
+        self._stats: dict[str, torch.Tensor] = {}  # s_x, s_y (and S, T for patches), fp64
+        self._pending_rows = 0  # rows in _stats (since the sums were last reduced over ranks)
         self._shift: tuple[torch.Tensor, torch.Tensor] | None = None  # μ (P, D), ν (P, K)
-        self._offsets: torch.Tensor | None = None  # k(f), (D,)
+        self._mask: torch.Tensor | None = None  # m (L, nk) of update_patches; None: uniform
         self._final: tuple[torch.Tensor, torch.Tensor] | None = None
         self.rows = 0
 
@@ -159,12 +160,8 @@ class NormalEquations:
         so shifting is also the one copy that puts the rows in GEMM layout."""
         dtype = _work_dtype(x)
         if self._shift is None:  # fp32-rounded shifts: the algebra is exact for any shift
-            self._set_shift(
-                x.to(dtype).mean(dim=(0, 3)), y, dtype, torch.zeros(x.shape[2], dtype=torch.long)
-            )
-        xc = _shifted(x, self._shift[0].to(x.device)[:, None, :], dtype)
-        ones = torch.ones(x.shape[3], 1, dtype=torch.float64, device=x.device)
-        self._add(xc, y, ones)
+            self._set_shift(x.to(dtype).mean(dim=(0, 3)), y, dtype)
+        self._add(_shifted(x, self._shift[0].to(x.device)[:, None, :], dtype), y)
 
     def update_patches(self, x: torch.Tensor, producer, y: torch.Tensor) -> None:
         """Add the rows of a conv ``producer``'s input ``x`` (B, C, *S) as its im2col patches
@@ -178,19 +175,19 @@ class NormalEquations:
         if self._shift is None:
             mu_c = x.to(dtype).mean(dim=(0, *range(2, x.dim())))
             mu = mu_c.view(g, c // g, 1).expand(g, c // g, taps).reshape(g, -1)
-            self._set_shift(mu, y, dtype, torch.arange(self.features) % taps)
+            self._set_shift(mu, y, dtype)
         mu_c = self._shift[0].view(g, c // g, taps)[:, :, 0].reshape(-1).to(x.device, dtype)
-        xc, mask = centred_patch_rows(x.to(dtype), producer, mu_c)
-        self._add(xc, y, mask)
+        xc, self._mask = centred_patch_rows(x.to(dtype), producer, mu_c)  # same geometry each time
+        self._add(xc, y, self._mask)
 
-    def _set_shift(self, mu: torch.Tensor, y: torch.Tensor, dtype, offsets) -> None:
+    def _set_shift(self, mu: torch.Tensor, y: torch.Tensor, dtype) -> None:
         nu = y.to(dtype).mean(dim=(0, 3))
         self._shift = (mu.to(torch.float64), nu.to(torch.float64))
-        self._offsets = offsets.to(self.device)
 
-    def _add(self, xc: torch.Tensor, y: torch.Tensor, mask: torch.Tensor) -> None:
-        """Accumulate centred rows ``xc`` (P, D, B·L) against targets ``y`` (B, P, K, L) with
-        the per-position offset mask (L, nk) of the shift (all ones: a uniform shift)."""
+    def _add(self, xc: torch.Tensor, y: torch.Tensor, mask: torch.Tensor | None = None) -> None:
+        """Accumulate centred rows ``xc`` (P, D, B·L) against targets ``y`` (B, P, K, L); with
+        ``mask`` (L, nk), the per-position offset mask of the shift, also the masked sums S, T
+        (a uniform shift needs only the column sums)."""
         b, p, k, length = y.shape
         d = xc.shape[1]
         nu = self._shift[1].to(y.device)
@@ -205,21 +202,21 @@ class NormalEquations:
             self._acc[0][:, lo:hi, :hi].baddbmm_(xc[:, lo:hi], xc[:, :hi].transpose(-1, -2))
         self._acc[1].baddbmm_(xc, yc.transpose(-1, -2))
         self._acc_rows += b * length
-        x_sum = xc.view(p, d, b, length).sum(dim=2).double()  # over samples: (P, D, L)
-        y_sum = yc.view(p, k, b, length).sum(dim=2).double()
-        mask = mask.to(x_sum)
-        stats = {
-            "sx": x_sum.sum(dim=-1),
-            "sy": y_sum.sum(dim=-1),
-            "S": x_sum @ mask,
-            "T": y_sum @ mask,
-            "N": b * (mask.T @ mask),
-            "c": b * mask.sum(dim=0),
-            "n": torch.tensor(float(b * length), dtype=torch.float64, device=x_sum.device),
-        }
+        if mask is None:
+            stats = {"sx": xc.sum(dim=-1).double(), "sy": yc.sum(dim=-1).double()}
+        else:
+            x_sum = xc.view(p, d, b, length).sum(dim=2).double()  # over samples: (P, D, L)
+            y_sum = yc.view(p, k, b, length).sum(dim=2).double()
+            stats = {
+                "sx": x_sum.sum(dim=-1),
+                "sy": y_sum.sum(dim=-1),
+                "S": x_sum @ mask.to(x_sum),
+                "T": y_sum @ mask.to(x_sum),
+            }
         for key, value in stats.items():
             self._stats[key] = self._stats[key] + value if key in self._stats else value
         self.rows += b * length
+        self._pending_rows += b * length
         self._final = None
         if self._acc_rows >= self.FLUSH_ROWS:
             self._flush()
@@ -264,28 +261,36 @@ class NormalEquations:
         if self._xx is not None:
             features += self._xx
             targets += self._xy
-        for lo, hi in self._panels[:-1] if len(self._panels) > 1 else ():
+        for lo, hi in self._panels[:-1]:  # the upper triangle the panels skipped
             features[:, lo:hi, hi:] = features[:, hi:, lo:hi].transpose(-1, -2)
         if self._stats:
-            st = self._stats
+            st, n = self._stats, float(self._pending_rows)
             mu, nu = (t.to(self.device) for t in self._shift)
-            kf = self._offsets.to(self.device)
-            nk = st["N"].shape[0]
-            e = torch.zeros(p, nk, d, dtype=torch.float64, device=self.device)
+            if self._mask is None:  # uniform shift: one offset, m = 1, S = s_x, T = s_y
+                m = torch.ones(1, 1, dtype=torch.float64, device=self.device)
+                masked_x, masked_y = st["sx"][:, :, None], st["sy"][:, :, None]
+            else:
+                m = self._mask.to(self.device)
+                masked_x, masked_y = st["S"], st["T"]
+            samples = n / m.shape[0]  # every sample contributes m's rows once
+            counts, offset_rows = samples * (m.T @ m), samples * m.sum(dim=0)  # N (nk, nk), c
+            taps = m.shape[1]
+            kf = torch.arange(d, device=self.device) % taps  # k(f)
+            e = torch.zeros(p, taps, d, dtype=torch.float64, device=self.device)
             e.scatter_(1, kf.expand(p, d)[:, None, :], mu[:, None, :])  # E (P, nk, D)
-            half = st["S"] + 0.5 * (e.transpose(1, 2) @ st["N"])  # S + ½EᵀN: (P, D, nk)
+            half = masked_x + 0.5 * (e.transpose(1, 2) @ counts)  # S + ½EᵀN: (P, D, nk)
             z = half @ e  # S E + ½ EᵀNE
             features += z
             features += z.transpose(-1, -2)
-            shift_sum = (e.transpose(1, 2) @ st["c"][None, :, None])[..., 0]  # Eᵀc = Σ M: (P, D)
+            shift_sum = (e.transpose(1, 2) @ offset_rows[None, :, None])[..., 0]  # Eᵀc: (P, D)
             targets += (st["sx"] + shift_sum)[:, :, None] * nu[:, None, :]
-            targets += e.transpose(1, 2) @ st["T"].transpose(1, 2)
+            targets += e.transpose(1, 2) @ masked_y.transpose(1, 2)
             if self.bias:
                 colsum = st["sx"] + shift_sum
                 gram[:, d, :d] += colsum
                 gram[:, :d, d] += colsum
-                gram[:, d, d] += st["n"]
-                cross[:, d] += st["sy"] + st["n"] * nu
+                gram[:, d, d] += n
+                cross[:, d] += st["sy"] + n * nu
         self._final = (gram, cross)
         return self._final
 
@@ -311,6 +316,7 @@ class NormalEquations:
         self.rows = int(all_reduce_sum(rows).item())
         self._xx = self._xy = None
         self._stats = {}
+        self._pending_rows = 0
         self._final = self._base
 
     def conditioning(self) -> Conditioning:

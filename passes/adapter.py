@@ -45,10 +45,10 @@ class PointwiseAdapter(nn.Module):
         b = self.bias.to(x.dtype) if self.bias is not None else None
         if self.dims == 0:
             return F.linear(x, w, b)
-        n, g = x.shape[0], self.groups
+        g = self.groups
         if _tracing(x) or self._conv_is_faster(x):
             return _CONV[self.dims](x, w.reshape(self.kernel_shape), b, groups=g)
-        k, positions = x.shape[1] // g, x[0, 0].numel()
+        n, k, positions = x.shape[0], x.shape[1] // g, x[0, 0].numel()
         # as a (batched) GEMM over the (N, G, C/G, positions) view: oneDNN's 1x1 conv
         # reorders to and from its blocked layouts, 2-10x slower at 8-64 channels per group
         flat = x.reshape(n, g, k, positions)

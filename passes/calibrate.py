@@ -350,9 +350,6 @@ class CalibrateAdapters(FxkdPass):
             pieces = [slice(None)] if subsample else _slices(y_chunk)
             for sl in pieces:
                 y_target = y_chunk[sl]
-                if not conv_patches:
-                    feats = [m.features(student, i, sl) for m in members]
-                    feats = feats[0] if len(feats) == 1 else torch.cat(feats, dim=2)
                 y = y_target
                 if residual_node is not None:
                     y = y - student.chunk(residual_node, i)[sl]
@@ -365,15 +362,17 @@ class CalibrateAdapters(FxkdPass):
                 for o in extra:  # other members held fixed at their current output
                     y = y - o.module(*[student.chunk(a, i)[sl] for a in o.node.args])
                 y = blocks(undo_steps(student.gm, steps, y), dims, g)
+                if conv_patches:
+                    x_in = student.chunk(members[0].node.args[1], i)[sl]
+                    eqs.update_patches(x_in, members[0].producer, y)
+                    continue
+                feats = [m.features(student, i, sl) for m in members]
+                feats = feats[0] if len(feats) == 1 else torch.cat(feats, dim=2)
                 if subsample:
                     keep = _positions(y.shape[-1], self.config.subsample, (self.config.seed, i))
                     keep = keep.to(y.device)
                     feats, y = feats.index_select(-1, keep), y.index_select(-1, keep)
-                if conv_patches:
-                    x_in = student.chunk(members[0].node.args[1], i)[sl]
-                    eqs.update_patches(x_in, members[0].producer, y)
-                else:
-                    eqs.update_blocks(feats, y)
+                eqs.update_blocks(feats, y)
         eqs.all_reduce()
         if not _finite(eqs.gram):
             raise CalibrationError(
