@@ -1,0 +1,107 @@
+"""In-process A/B of the calibration hot path: a git revision's ``_solve_jointly`` and
+``NormalEquations`` against the working tree's, alternated inside one process.
+
+    python examples/ab_calibration.py --rev HEAD~1 --pair resnet-style --samples 256 --mode kernel
+    python examples/ab_calibration.py --rev HEAD --pair resnet18 --size 224 --samples 64 --rounds 3
+
+On a noisy shared machine separate processes (even alternated) misled us; alternating the two
+variants inside one process, and which one goes first in each round, held up. Both variants run
+the same teacher, student and samples; the per-point errors after the solve are compared, so a
+speed-up that changes the results shows. Only ``passes/calibrate.py`` and ``fxkd/lstsq.py`` are
+taken from the revision (the rest is the working tree's): use it for changes confined to them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import statistics
+import subprocess
+import sys
+import time
+import types
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from bench_calibration import PAIRS, make_pair
+
+import fxkd
+from fxkd.align import align
+from fxkd.passes import CalibrateAdapters, InsertAdapters
+from fxkd.trace import trace
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _module_at(rev: str, path: str, name: str, package: str) -> dict:
+    """The namespace of ``path`` as of git revision ``rev``, imported as ``name``."""
+    source = subprocess.run(
+        ["git", "show", f"{rev}:{path}"], cwd=ROOT, check=True, capture_output=True, text=True
+    ).stdout
+    module = types.ModuleType(name)
+    module.__package__ = package
+    sys.modules[name] = module
+    exec(compile(source, f"{rev}:{path}", "exec"), module.__dict__)
+    return module.__dict__
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--rev", default="HEAD", help="git revision to compare the working tree with")
+    p.add_argument("--pair", choices=PAIRS, default="resnet-style")
+    p.add_argument("--size", type=int, default=32)
+    p.add_argument("--samples", type=int, default=256)
+    p.add_argument("--mode", choices=fxkd.config.MODES, default="pointwise")
+    p.add_argument("--rounds", type=int, default=5)
+    args = p.parse_args()
+
+    lstsq = _module_at(args.rev, "fxkd/lstsq.py", "fxkd._ab_lstsq", "fxkd")
+    calibrate = _module_at(
+        args.rev, "passes/calibrate.py", "fxkd.passes._ab_calibrate", "fxkd.passes"
+    )
+    calibrate["NormalEquations"] = lstsq["NormalEquations"]
+    variants = {
+        args.rev: calibrate["CalibrateAdapters"]._solve_jointly,
+        "working tree": CalibrateAdapters._solve_jointly,
+    }
+
+    teacher, student, shape = make_pair(args.pair, args.size)
+    x = torch.randn(args.samples, *shape)
+    cfg = fxkd.CompressConfig(mode=args.mode, num_samples=args.samples, progress=False)
+    t_gm = trace(teacher, x[:2])
+
+    def calibrate_once():
+        gm = trace(copy.deepcopy(student), x[:2])
+        InsertAdapters(align(t_gm, gm, channel_maps=student.fxkd_channel_maps), args.mode)(gm)
+        cal = CalibrateAdapters(t_gm, x, cfg)
+        start = time.perf_counter()
+        cal(gm)
+        return time.perf_counter() - start, cal.records
+
+    times = {name: [] for name in variants}
+    records = {}
+    calibrate_once()  # warm-up
+    for r in range(args.rounds):
+        order = list(variants) if r % 2 == 0 else list(reversed(variants))
+        for name in order:
+            CalibrateAdapters._solve_jointly = variants[name]
+            seconds, records[name] = calibrate_once()
+            times[name].append(seconds)
+    CalibrateAdapters._solve_jointly = variants["working tree"]
+    old, new = (records[name] for name in variants)
+    worst = max(
+        abs(old[k].err_after - new[k].err_after) / max(old[k].err_after, old[k].err_before, 1e-12)
+        for k in old
+    )
+    print(f"{args.pair} {args.size}x{args.size} N={args.samples} {args.mode}, {args.rounds} rounds")
+    for name, ts in times.items():
+        each = " ".join(f"{t:.3f}" for t in ts)
+        print(f"  {name:>14}: median {statistics.median(ts):.3f} s  ({each})")
+    print(f"  largest change of a point's error after the solve (relative): {worst:.1e}")
+
+
+if __name__ == "__main__":
+    main()
