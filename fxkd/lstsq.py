@@ -177,17 +177,24 @@ class NormalEquations:
             mu = mu_c.view(g, c // g, 1).expand(g, c // g, taps).reshape(g, -1)
             self._set_shift(mu, y, dtype)
         mu_c = self._shift[0].view(g, c // g, taps)[:, :, 0].reshape(-1).to(x.device, dtype)
-        xc, self._mask = centred_patch_rows(x.to(dtype), producer, mu_c)  # same geometry each time
-        self._add(xc, y, self._mask)
+        xc, self._mask, x_sum = centred_patch_rows(x.to(dtype), producer, mu_c)  # same geometry
+        self._add(xc, y, self._mask, x_sum)  # each time
 
     def _set_shift(self, mu: torch.Tensor, y: torch.Tensor, dtype) -> None:
         nu = y.to(dtype).mean(dim=(0, 3))
         self._shift = (mu.to(torch.float64), nu.to(torch.float64))
 
-    def _add(self, xc: torch.Tensor, y: torch.Tensor, mask: torch.Tensor | None = None) -> None:
+    def _add(
+        self,
+        xc: torch.Tensor,
+        y: torch.Tensor,
+        mask: torch.Tensor | None = None,
+        x_sum: torch.Tensor | None = None,
+    ) -> None:
         """Accumulate centred rows ``xc`` (P, D, B·L) against targets ``y`` (B, P, K, L); with
         ``mask`` (L, nk), the per-position offset mask of the shift, also the masked sums S, T
-        (a uniform shift needs only the column sums)."""
+        from ``x_sum`` (P, D, L), the rows summed over the B samples (a uniform shift needs only
+        the column sums)."""
         b, p, k, length = y.shape
         d = xc.shape[1]
         nu = self._shift[1].to(y.device)
@@ -205,7 +212,6 @@ class NormalEquations:
         if mask is None:
             stats = {"sx": xc.sum(dim=-1).double(), "sy": yc.sum(dim=-1).double()}
         else:
-            x_sum = xc.view(p, d, b, length).sum(dim=2).double()  # over samples: (P, D, L)
             y_sum = yc.view(p, k, b, length).sum(dim=2).double()
             stats = {
                 "sx": x_sum.sum(dim=-1),

@@ -64,40 +64,55 @@ def patch_blocks(x: torch.Tensor, module: nn.Module) -> torch.Tensor:
 
 def centred_patch_rows(
     x: torch.Tensor, module: nn.Module, mu: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor]:
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The im2col patches of ``x − μ`` (``mu``: one shift per input channel, zero padding) laid
     out for the GEMM: contiguous (G, C/G·Πk, N·ΠL), features ordered like ``weight[o].flatten()``
-    per group, rows (sample, position) like ``patch_blocks``; and the (ΠL, Πk) mask ``m`` of
-    the kernel offsets that read inside the input at each output position. The patches of
-    ``x`` itself are ``cols + μ_f·m[l, k(f)]`` (``k(f)`` = f mod Πk).
+    per group, rows (sample, position) like ``patch_blocks``; the (ΠL, Πk) mask ``m`` of the
+    kernel offsets that read inside the input at each output position (the patches of ``x``
+    itself are ``cols + μ_f·m[l, k(f)]``, ``k(f)`` = f mod Πk); and the patches' sums over the
+    samples, (G, C/G·Πk, ΠL) in fp64.
 
-    One pass writes the centred input, channels first, into a zero-padded buffer; one strided
-    copy of its unfolded view is the patch matrix (F.unfold + a shift-and-transpose copy take
-    two passes over the Πk-times larger patches)."""
+    One pass writes the centred input, channels first, into a buffer whose padding alone is
+    zeroed; one strided copy of its unfolded view is the patch matrix (F.unfold + a
+    shift-and-transpose copy take two passes over the Πk-times larger patches). The sums over
+    samples are the patches of the input summed over samples: a pass over the input, not over
+    the patch matrix."""
     n, c, dims, g = x.shape[0], x.shape[1], x.dim() - 2, module.groups
     pads = _padding(module)
     spatial = x.shape[2:]
-    padded = [s + lo + hi for s, (lo, hi) in zip(spatial, pads, strict=True)]
-    buf = x.new_zeros(c, n, *padded)
+    buf = x.new_empty(c, n, *[s + lo + hi for s, (lo, hi) in zip(spatial, pads, strict=True)])
+    for d, (s, (lo, hi)) in enumerate(zip(spatial, pads, strict=True)):
+        buf.narrow(2 + d, 0, lo).zero_()
+        buf.narrow(2 + d, lo + s, hi).zero_()
     inside = [slice(lo, lo + s) for s, (lo, _) in zip(spatial, pads, strict=True)]
     inner = buf[(slice(None), slice(None), *inside)]
     torch.sub(x.transpose(0, 1), mu.to(x).view(c, 1, *[1] * dims), out=inner)
+    features = (c // g) * math.prod(module.kernel_size)
+    view, masks = _windows(buf, module, pads, spatial)
+    cols = view.reshape(g, features, -1)  # the one copy
+    summed, _ = _windows(buf.sum(dim=1, keepdim=True, dtype=torch.float64), module, pads, spatial)
+    mask = masks[0].to(torch.float64)
+    for m in masks[1:]:  # row-major over positions and over offsets
+        mask = (mask[:, None, :, None] * m.to(mask)[None, :, None, :]).flatten(2).flatten(0, 1)
+    return cols, mask, summed.reshape(g, features, -1)
+
+
+def _windows(
+    buf: torch.Tensor, module: nn.Module, pads: list[tuple[int, int]], spatial
+) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """The kernel windows of a padded channels-first buffer (C, N, *padded) as a
+    (C, *k, N, *L) view, and per spatial dimension the (L_d, k_d) in-bounds masks."""
+    dims = buf.dim() - 2
     view, masks = buf, []
     for d in range(dims):
         k, s, dil = module.kernel_size[d], module.stride[d], module.dilation[d]
         view = view.unfold(2 + d, dil * (k - 1) + 1, s)
         if dil > 1:
             view = view[..., ::dil]
-        reads = torch.arange(view.shape[2 + d], device=x.device)[:, None] * s - pads[d][0]
-        reads = reads + torch.arange(k, device=x.device)[None, :] * dil
+        reads = torch.arange(view.shape[2 + d], device=buf.device)[:, None] * s - pads[d][0]
+        reads = reads + torch.arange(k, device=buf.device)[None, :] * dil
         masks.append((reads >= 0) & (reads < spatial[d]))  # (L_d, k_d)
-    # (C, N, *L, *k) -> (C, *k, N, *L) -> (G, C/G·Πk, N·ΠL): the one copy
-    view = view.permute(0, *range(2 + dims, 2 + 2 * dims), 1, *range(2, 2 + dims))
-    cols = view.reshape(g, (c // g) * math.prod(module.kernel_size), -1)
-    mask = masks[0].to(torch.float64)
-    for m in masks[1:]:  # row-major over positions and over offsets
-        mask = (mask[:, None, :, None] * m.to(mask)[None, :, None, :]).flatten(2).flatten(0, 1)
-    return cols, mask
+    return view.permute(0, *range(2 + dims, 2 + 2 * dims), 1, *range(2, 2 + dims)), masks
 
 
 def patches(x: torch.Tensor, module: nn.Module) -> torch.Tensor:
