@@ -11,6 +11,8 @@ one chunk's transient buffers (the largest layer's input and output; a site's fe
 targets shifted into GEMM layout, in kernel mode its im2col patches) and the largest normal
 equations with their solve (fp64, about five Gram-sized matrices). With ``offload`` the held
 activations move to CPU memory and the device keeps only the chunk buffers and the systems.
+Weights made for the run (the teacher's convs with their BatchNorms folded in) count as held
+on the model's device.
 """
 
 from __future__ import annotations
@@ -123,6 +125,10 @@ def estimate(
         where = module_device(gm)
         key = "cpu" if config.offload and where.type != "cpu" else _key(where)
         held[key] = held.get(key, 0) + peak_live_bytes(gm, late) * num_samples
+        # weights a view made for the run (BatchNorms folded into copies of their convs)
+        made = getattr(gm, "fxkd_made_bytes", 0)
+        if made:
+            held[_key(where)] = held.get(_key(where), 0) + made
     chunk = min(config.chunk_size, num_samples)
     sizes = {**_per_sample_sizes(teacher), **_per_sample_sizes(student)}
     largest = math.ceil(max(sizes.values(), default=0) * chunk * 3)  # inputs and output

@@ -44,6 +44,7 @@ from fxkd.trace import eval_mode, trace
 
 from .adapter import KernelAdapter, PointwiseAdapter, adapter_points
 from .base import FxkdPass
+from .fold import batchnorm_folded_view
 from .runner import GraphRunner
 
 __all__ = ["CalibrateAdapters", "SiteRecord"]
@@ -193,16 +194,24 @@ class CalibrateAdapters(FxkdPass):
                 f"teacher nodes {missing} not found: the teacher given to CalibrateAdapters is "
                 "not the graph the alignment was made on. Hint: pass the same traced teacher."
             )
+        # the teacher (and the student as given) run with their BatchNorms folded into their
+        # convs: only their values at the matched points are read, by name, and the views keep
+        # those (10-15% of a ResNet teacher's CPU forward)
+        points = {m.module.pair.teacher_point for ms in groups.values() for m in ms}
+        t_view = batchnorm_folded_view(self.teacher, keep=points)
+        t_nodes = {n.name: n for n in t_view.graph.nodes}
+        r_view = None
+        if self.reference is not None:
+            sites = {ms[0].module.pair.site.point for ms in groups.values()}
+            r_view = batchnorm_folded_view(self.reference, keep=sites)
         shard = _shard(self.samples)
-        self.memory = estimate_memory(
-            self.teacher, gm, len(shard), self.config, reference=self.reference
-        )
+        self.memory = estimate_memory(t_view, gm, len(shard), self.config, reference=r_view)
         check_fits(self.memory, self.config)
         chunks = list(shard.split(self.config.chunk_size))
         targets = [t_nodes[ms[0].module.pair.teacher_point] for ms in groups.values()]
         offload = self.config.offload
         teacher = GraphRunner(
-            self.teacher,
+            t_view,
             [c.to(module_dtype(self.teacher)) for c in chunks],
             pinned=targets,
             device=module_device(self.teacher),
@@ -213,10 +222,10 @@ class CalibrateAdapters(FxkdPass):
         )
         dtype = torch.float64 if module_dtype(gm) == torch.float64 else torch.float32
         reference = None
-        if self.reference is not None:
-            r_nodes = {n.name: n for n in self.reference.graph.nodes}
+        if r_view is not None:
+            r_nodes = {n.name: n for n in r_view.graph.nodes}
             reference = GraphRunner(
-                self.reference,
+                r_view,
                 [c.to(module_dtype(self.reference)) for c in chunks],
                 device=module_device(self.reference),
                 offload=offload,

@@ -142,3 +142,61 @@ def test_fold_refuses_a_producer_with_other_users():
     assert reason is not None and "other users" in reason
     with torch.no_grad():
         torch.testing.assert_close(gm(x), before)  # kept adapter: still the same function
+
+
+def test_batchnorm_folded_view_keeps_names_and_values_and_leaves_the_model_alone():
+    """The view calibration runs the teacher with: every conv → BatchNorm pair fused into one
+    call under the BatchNorm's name (same value, fp64), a kept name not fused, a conv with
+    another user not fused, and the traced model itself unchanged (graph and weights)."""
+    from torchvision.models import resnet18
+
+    from fxkd.passes.fold import batchnorm_folded_view
+
+    model = randomize_bn(resnet18(num_classes=10)).double()
+    x = torch.randn(2, 3, 64, 64, dtype=torch.float64)
+    gm = trace(model, x)
+    state_before = {k: v.clone() for k, v in gm.state_dict().items()}
+    # a toolchain's extra user of one conv: that conv's output must stay as it is
+    conv = next(n for n in gm.graph.nodes if n.name == "layer1_0_conv2")
+    output = next(n for n in gm.graph.nodes if n.op == "output")
+    with gm.graph.inserting_before(output):
+        extra = gm.graph.call_method("mean", (conv,))
+        total = gm.graph.call_function(torch.add, (output.args[0], extra))
+    output.args = (total,)
+    gm.recompile()
+    names_before = [n.name for n in gm.graph.nodes]
+
+    view = batchnorm_folded_view(gm, keep={"layer2_0_conv1"})
+
+    def values(module):
+        seen = {}
+
+        class Recorder(fx.Interpreter):
+            def run_node(self, n):
+                seen[n.name] = super().run_node(n)
+                return seen[n.name]
+
+        with torch.no_grad():
+            Recorder(module).run(x)
+        return seen
+
+    want, got = values(gm), values(view)
+    kinds = {n.name: type(view.get_submodule(str(n.target))) for n in view.graph.nodes
+             if n.op == "call_module"}  # fmt: skip
+    assert kinds["bn1"] is nn.Conv2d  # the stem's conv and BN: one call, the BN's name
+    assert "conv1" not in got
+    assert kinds["layer1_0_bn2"] is nn.BatchNorm2d  # its conv has another user
+    assert kinds["layer2_0_bn1"] is nn.BatchNorm2d and "layer2_0_conv1" in got  # kept
+    assert not any(t is nn.BatchNorm2d for n, t in kinds.items() if n not in
+                   ("layer1_0_bn2", "layer2_0_bn1"))  # fmt: skip
+    assert set(got) <= set(want)
+    for name, value in got.items():
+        if isinstance(value, torch.Tensor):
+            torch.testing.assert_close(value, want[name], rtol=1e-12, atol=1e-12)
+    assert [n.name for n in gm.graph.nodes] == names_before
+    fused = [m for name, m in model.named_modules() if isinstance(m, nn.Conv2d)
+             and name not in ("layer1.0.conv2", "layer2.0.conv1")]  # fmt: skip
+    assert len(fused) == 18  # 20 convs, each followed by a BatchNorm, less the two kept
+    assert view.fxkd_made_bytes == sum(8 * (m.weight.numel() + m.out_channels) for m in fused)
+    assert all(torch.equal(v, state_before[k]) for k, v in gm.state_dict().items())
+    assert sum(isinstance(m, nn.BatchNorm2d) for m in gm.modules()) == 20
