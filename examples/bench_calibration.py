@@ -39,6 +39,7 @@ from fxkd.align import align
 from fxkd.lstsq import NormalEquations
 from fxkd.passes import CalibrateAdapters, InsertAdapters
 from fxkd.passes.calibrate import _groups
+from fxkd.passes.fold import batchnorm_folded_view
 from fxkd.passes.runner import GraphRunner
 from fxkd.placement import full_precision
 from fxkd.students import prune
@@ -60,13 +61,16 @@ class PerBlockCalibration(CalibrateAdapters):
         gm = graph_module
         groups = _groups(gm)
         device = next(gm.parameters()).device
-        t_nodes = {n.name: n for n in self.teacher.graph.nodes}
+        # the teacher as fxkd runs it (BatchNorms folded): the schedules differ, nothing else
+        points = {m.module.pair.teacher_point for ms in groups.values() for m in ms}
+        t_view = batchnorm_folded_view(self.teacher, keep=points)
+        t_nodes = {n.name: n for n in t_view.graph.nodes}
         chunks = list(self.samples.split(self.config.chunk_size))
         pending = {m.node for ms in groups.values() for m in ms}
         with torch.no_grad(), full_precision():
             for point, members in groups.items():
                 target = t_nodes[members[0].module.pair.teacher_point]
-                teacher = GraphRunner(self.teacher, chunks, pinned=[target])
+                teacher = GraphRunner(t_view, chunks, pinned=[target])
                 student = GraphRunner(gm, chunks)
                 self._solve(
                     point, members, target, teacher, student, None, pending, device, torch.float32
