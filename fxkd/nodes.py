@@ -135,12 +135,19 @@ def spatial_dims(module: nn.Module) -> int:
 
 def eval_batchnorm(gm: fx.GraphModule, node: fx.Node, dims: int) -> nn.Module | None:
     """The BatchNorm a node calls when, in eval mode, it is a per-channel affine map that matches
-    a producer with ``dims`` spatial dimensions (running statistics tracked)."""
+    a producer with ``dims`` spatial dimensions (running statistics tracked; after a Linear,
+    only on a 2-D value, where BatchNorm1d's dim 1 is the Linear's features)."""
     m = _module(gm, node)
     expected = {0: nn.BatchNorm1d, 1: nn.BatchNorm1d, 2: nn.BatchNorm2d, 3: nn.BatchNorm3d}[dims]
-    if type(m) is expected and m.track_running_stats and m.running_mean is not None:
-        return m
-    return None
+    if type(m) is not expected or not m.track_running_stats or m.running_mean is None:
+        return None
+    if dims == 0 and node.args and isinstance(node.args[0], fx.Node):
+        # BatchNorm1d normalizes dim 1: after a Linear that is the Linear's features only on a
+        # (N, C) value; on (N, L, C) it would be L, not a per-channel map of the Linear
+        shape = getattr(node.args[0].meta.get("tensor_meta"), "shape", None)
+        if shape is not None and len(shape) != 2:
+            return None
+    return m
 
 
 def is_nonlinearity(gm: fx.GraphModule, node: fx.Node) -> bool:

@@ -200,3 +200,32 @@ def test_batchnorm_folded_view_keeps_names_and_values_and_leaves_the_model_alone
     assert view.fxkd_made_bytes == sum(8 * (m.weight.numel() + m.out_channels) for m in fused)
     assert all(torch.equal(v, state_before[k]) for k, v in gm.state_dict().items())
     assert sum(isinstance(m, nn.BatchNorm2d) for m in gm.modules()) == 20
+
+
+def test_batchnorm1d_after_a_linear_on_a_sequence_is_not_folded():
+    """BatchNorm1d normalizes dim 1: after a Linear on (N, L, C) that is L, not the Linear's
+    features, so neither FoldBatchNorm nor the calibration's folded view may merge it (both
+    did, silently changing the function); on (N, C) both still fold it, exactly."""
+    from fxkd.passes.fold import batchnorm_folded_view
+
+    class LinearBN(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.fc = nn.Linear(8, 8)
+            self.bn = nn.BatchNorm1d(8)
+
+        def forward(self, x):
+            return self.bn(self.fc(x))
+
+    for shape, folds in (((4, 8, 8), False), ((4, 8), True)):
+        model = randomize_bn(LinearBN()).double()
+        x = torch.randn(*shape, dtype=torch.float64)
+        with torch.no_grad():
+            want = model(x)
+        view = batchnorm_folded_view(trace(model, x))
+        gm = trace(model, x)
+        assert FoldBatchNorm()(gm).modified is folds
+        assert any(isinstance(m, nn.BatchNorm1d) for m in view.modules()) is not folds
+        with torch.no_grad():
+            torch.testing.assert_close(view(x), want, rtol=1e-12, atol=1e-12)
+            torch.testing.assert_close(gm(x), want, rtol=1e-12, atol=1e-12)
