@@ -17,6 +17,7 @@ from collections.abc import Iterable
 import torch.fx as fx
 from torch import nn
 from torch.fx.passes.infra.pass_base import PassResult
+from torch.nn.utils import parametrize
 
 from fxkd.fold import compose_pointwise, effective_affine, fuse_batchnorm, write_effective_affine
 from fxkd.nodes import (
@@ -85,6 +86,8 @@ def batchnorm_folded_view(gm: fx.GraphModule, keep: Iterable[str] = ()) -> fx.Gr
     for node in list(view.graph.nodes):
         producer = affine_module(view, node)
         if producer is None or len(node.users) != 1 or node.name in keep:
+            continue
+        if parametrize.is_parametrized(producer):  # its weight is computed: left as it is
             continue
         (bn_node,) = node.users
         bn = eval_batchnorm(view, bn_node, spatial_dims(producer))
