@@ -242,9 +242,11 @@ class NormalEquations:
         """Add the fp32 products to the fp64 sums (the Gram's skipped upper triangle stays
         zero: ``_finalize`` fills it)."""
         if self._acc is not None and self._acc_rows:
-            xx, xy = (a.to(torch.float64, copy=True) for a in self._acc)
-            self._xx = xx if self._xx is None else self._xx.add_(xx)
-            self._xy = xy if self._xy is None else self._xy.add_(xy)
+            if self._xx is None:
+                self._xx, self._xy = (a.to(torch.float64, copy=True) for a in self._acc)
+            else:  # added in place, promoted to fp64 on the fly: no D×D temporary
+                self._xx.add_(self._acc[0])
+                self._xy.add_(self._acc[1])
             self._acc[0].zero_()
             self._acc[1].zero_()
         self._acc_rows = 0

@@ -88,31 +88,39 @@ def centred_patch_rows(
     inner = buf[(slice(None), slice(None), *inside)]
     torch.sub(x.transpose(0, 1), mu.to(x).view(c, 1, *[1] * dims), out=inner)
     features = (c // g) * math.prod(module.kernel_size)
-    view, masks = _windows(buf, module, pads, spatial)
-    cols = view.reshape(g, features, -1)  # the one copy
-    summed, _ = _windows(buf.sum(dim=1, keepdim=True, dtype=torch.float64), module, pads, spatial)
+    cols = _windows(buf, module).reshape(g, features, -1)  # the one copy
+    summed = _windows(buf.sum(dim=1, keepdim=True, dtype=torch.float64), module)
+    masks = _in_bounds(module, pads, spatial, x.device)
     mask = masks[0].to(torch.float64)
     for m in masks[1:]:  # row-major over positions and over offsets
         mask = (mask[:, None, :, None] * m.to(mask)[None, :, None, :]).flatten(2).flatten(0, 1)
     return cols, mask, summed.reshape(g, features, -1)
 
 
-def _windows(
-    buf: torch.Tensor, module: nn.Module, pads: list[tuple[int, int]], spatial
-) -> tuple[torch.Tensor, list[torch.Tensor]]:
+def _windows(buf: torch.Tensor, module: nn.Module) -> torch.Tensor:
     """The kernel windows of a padded channels-first buffer (C, N, *padded) as a
-    (C, *k, N, *L) view, and per spatial dimension the (L_d, k_d) in-bounds masks."""
+    (C, *k, N, *L) view."""
     dims = buf.dim() - 2
-    view, masks = buf, []
+    view = buf
     for d in range(dims):
         k, s, dil = module.kernel_size[d], module.stride[d], module.dilation[d]
         view = view.unfold(2 + d, dil * (k - 1) + 1, s)
         if dil > 1:
             view = view[..., ::dil]
-        reads = torch.arange(view.shape[2 + d], device=buf.device)[:, None] * s - pads[d][0]
-        reads = reads + torch.arange(k, device=buf.device)[None, :] * dil
-        masks.append((reads >= 0) & (reads < spatial[d]))  # (L_d, k_d)
-    return view.permute(0, *range(2 + dims, 2 + 2 * dims), 1, *range(2, 2 + dims)), masks
+    return view.permute(0, *range(2 + dims, 2 + 2 * dims), 1, *range(2, 2 + dims))
+
+
+def _in_bounds(module: nn.Module, pads, spatial, device) -> list[torch.Tensor]:
+    """Per spatial dimension, the (L_d, k_d) mask of the kernel offsets that read inside the
+    input (not padding) at each output position."""
+    masks = []
+    for d, size in enumerate(spatial):
+        k, s, dil = module.kernel_size[d], module.stride[d], module.dilation[d]
+        positions = (size + sum(pads[d]) - dil * (k - 1) - 1) // s + 1
+        reads = torch.arange(positions, device=device)[:, None] * s - pads[d][0]
+        reads = reads + torch.arange(k, device=device)[None, :] * dil
+        masks.append((reads >= 0) & (reads < size))
+    return masks
 
 
 def patches(x: torch.Tensor, module: nn.Module) -> torch.Tensor:

@@ -44,6 +44,19 @@ def _set_module(gm: fx.GraphModule, qualname: str, module: nn.Module) -> None:
     setattr(gm.get_submodule(parent) if parent else gm, name, module)
 
 
+def _batchnorm_pairs(gm: fx.GraphModule):
+    """(producer node, producer, BatchNorm node, BatchNorm) for every conv/linear whose output
+    feeds only an eval BatchNorm, which takes nothing else (snapshot of the graph's nodes)."""
+    for node in list(gm.graph.nodes):
+        producer = affine_module(gm, node)
+        if producer is None or len(node.users) != 1:
+            continue
+        (bn_node,) = node.users
+        bn = eval_batchnorm(gm, bn_node, spatial_dims(producer))
+        if bn is not None and bn_node.args == (node,) and not bn_node.kwargs:
+            yield node, producer, bn_node, bn
+
+
 class FoldBatchNorm(FxkdPass):
     """Fuse every eval BatchNorm that directly follows a conv/linear into it
     (``torch.nn.utils.fusion``), when the producer has no other user and is called once."""
@@ -52,13 +65,8 @@ class FoldBatchNorm(FxkdPass):
         gm = graph_module
         calls = module_call_counts(gm)
         self.folded: list[str] = []
-        for node in list(gm.graph.nodes):
-            producer = affine_module(gm, node)
-            if producer is None or calls[str(node.target)] != 1 or len(node.users) != 1:
-                continue
-            (bn_node,) = node.users
-            bn = eval_batchnorm(gm, bn_node, spatial_dims(producer))
-            if bn is None or calls[str(bn_node.target)] != 1:
+        for node, producer, bn_node, bn in _batchnorm_pairs(gm):
+            if calls[str(node.target)] != 1 or calls[str(bn_node.target)] != 1:
                 continue
             _set_module(gm, str(node.target), fuse_batchnorm(producer, bn))
             bn_node.replace_all_uses_with(node)
@@ -73,32 +81,21 @@ class FoldBatchNorm(FxkdPass):
 def batchnorm_folded_view(gm: fx.GraphModule, keep: Iterable[str] = ()) -> fx.GraphModule:
     """A GraphModule computing ``gm`` in eval mode with every conv/linear → eval BatchNorm pair
     whose producer output feeds only that BatchNorm (and is not named in ``keep``) run as one
-    fused call: ``A z + a`` with ``A = diag(s)·W``, ``a = s⊙(b − μ) + β`` computed in fp64
-    (``fxkd.fold.effective_affine``). The fused call takes the BatchNorm node's name, so every
-    node that remains keeps its name and its value (up to rounding). ``gm`` is not modified;
-    the modules not fused are shared with it, not copied.
+    fused module (``fuse_batchnorm``: ``torch.nn.utils.fusion``, a new module per pair). The
+    fused call takes the BatchNorm node's name, so every node that remains keeps its name and
+    its value (up to rounding). ``gm`` is not modified; the modules not fused are shared with
+    it, not copied.
 
     What calibration runs the teacher (and the student as given) with: it needs their values
     at named points only, and BatchNorm is 10–15% of a ResNet's forward on a CPU."""
     keep = set(keep)
     view = fx.GraphModule(gm, copy.deepcopy(gm.graph))
     fused = 0
-    for node in list(view.graph.nodes):
-        producer = affine_module(view, node)
-        if producer is None or len(node.users) != 1 or node.name in keep:
-            continue
-        if parametrize.is_parametrized(producer):  # its weight is computed: left as it is
-            continue
-        (bn_node,) = node.users
-        bn = eval_batchnorm(view, bn_node, spatial_dims(producer))
-        if bn is None or bn_node.args != (node,) or bn_node.kwargs:
-            continue
-        a_mat, a_vec = effective_affine(producer, bn)
-        module = copy.deepcopy(producer)
-        module.weight = nn.Parameter(a_mat.to(producer.weight), requires_grad=False)
-        module.bias = nn.Parameter(a_vec.to(producer.weight), requires_grad=False)
+    for node, producer, bn_node, bn in _batchnorm_pairs(view):
+        if node.name in keep or parametrize.is_parametrized(producer):  # a parametrized
+            continue  # weight is computed: left as it is
         name = f"{FOLDED}{fused}"
-        view.add_submodule(name, module)
+        view.add_submodule(name, fuse_batchnorm(producer, bn))
         fused += 1
         bn_node.target, bn_node.args, bn_node.kwargs = name, node.args, node.kwargs
         view.graph.erase_node(node)

@@ -118,6 +118,16 @@ def test_fold_batchnorm_is_exact_and_removes_bn():
         torch.testing.assert_close(gm(x), before, rtol=1e-10, atol=1e-12)
 
 
+def _give_another_user(gm: fx.GraphModule, node: fx.Node) -> None:
+    """Add ``node.mean()`` to the graph's output: a second reader of ``node``'s value."""
+    output = next(n for n in gm.graph.nodes if n.op == "output")
+    with gm.graph.inserting_before(output):
+        extra = gm.graph.call_method("mean", (node,))
+        total = gm.graph.call_function(torch.add, (output.args[0], extra))
+    output.args = (total,)
+    gm.recompile()
+
+
 def test_fold_refuses_a_producer_with_other_users():
     model, shape = _model("conv", 1, True, True)
     x = torch.randn(*shape, dtype=torch.float64)
@@ -127,13 +137,7 @@ def test_fold_refuses_a_producer_with_other_users():
     gm.double()
     _randomize_adapters(gm, model.producer)
     # a toolchain later gives the producer another user: folding would change that user
-    producer = next(n for n in gm.graph.nodes if n.target == "producer")
-    output = next(n for n in gm.graph.nodes if n.op == "output")
-    with gm.graph.inserting_before(output):
-        extra = gm.graph.call_method("mean", (producer,))
-        total = gm.graph.call_function(torch.add, (output.args[0], extra))
-    output.args = (total,)
-    gm.recompile()
+    _give_another_user(gm, next(n for n in gm.graph.nodes if n.target == "producer"))
     with torch.no_grad():
         before = gm(x)
     fold = FoldAdapters()
@@ -157,13 +161,7 @@ def test_batchnorm_folded_view_keeps_names_and_values_and_leaves_the_model_alone
     gm = trace(model, x)
     state_before = {k: v.clone() for k, v in gm.state_dict().items()}
     # a toolchain's extra user of one conv: that conv's output must stay as it is
-    conv = next(n for n in gm.graph.nodes if n.name == "layer1_0_conv2")
-    output = next(n for n in gm.graph.nodes if n.op == "output")
-    with gm.graph.inserting_before(output):
-        extra = gm.graph.call_method("mean", (conv,))
-        total = gm.graph.call_function(torch.add, (output.args[0], extra))
-    output.args = (total,)
-    gm.recompile()
+    _give_another_user(gm, next(n for n in gm.graph.nodes if n.name == "layer1_0_conv2"))
     names_before = [n.name for n in gm.graph.nodes]
 
     view = batchnorm_folded_view(gm, keep={"layer2_0_conv1"})
