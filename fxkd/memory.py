@@ -27,6 +27,7 @@ from torch.fx.passes.shape_prop import TensorMetadata
 
 from fxkd.config import CompressConfig
 from fxkd.errors import MemoryBudgetError
+from fxkd.nodes import in_place_operand
 from fxkd.placement import module_device
 
 __all__ = ["MemoryEstimate", "available_bytes", "check_fits", "estimate", "peak_live_bytes"]
@@ -83,10 +84,24 @@ def peak_live_bytes(gm: fx.GraphModule, deferred: dict[fx.Node, fx.Node] | None 
         root[n] = root.get(n.all_input_nodes[0], n) if aliases else n
         if root[n] is not n:
             sizes[n] = 0
-    last_use = dict(position)
+    last_use = dict(position)  # of each storage (root): its last reader through any alias
     for n in order:
         for a in n.all_input_nodes:
             last_use[root[a]] = max(last_use[root[a]], position[n])
+    # GraphRunner computes a + b into a when a's storage has no reader after it
+    members: dict[fx.Node, list[fx.Node]] = {}
+    for n in order:
+        members.setdefault(root[n], []).append(n)
+    for n in order:
+        a = in_place_operand(n)
+        if a is None or last_use[root[a]] != position[n] or not _same_tensor_type(n, a):
+            continue
+        into = root[a]
+        for m in members.pop(root[n]):
+            root[m] = into
+            members[into].append(m)
+        last_use[into] = max(last_use[into], last_use[n])
+        sizes[n] = 0
     live, peak = 0, 0
     dying: dict[int, list[fx.Node]] = {}
     for n in order:
@@ -231,6 +246,18 @@ def _aliases_input(gm: fx.GraphModule, node: fx.Node) -> bool:
     if node.op == "call_function":
         return bool(node.kwargs.get("inplace")) or node.target is torch.flatten
     return node.op == "call_method" and node.target in _VIEWS
+
+
+def _same_tensor_type(a: fx.Node, b: fx.Node) -> bool:
+    """Both nodes' values (as ShapeProp saw them; an inserted node keeps its input's) have one
+    shape and dtype: the sum fits in its first operand's storage."""
+    ta, tb = (
+        _metas(n) or (_metas(n.args[0]) if n.args and isinstance(n.args[0], fx.Node) else [])
+        for n in (a, b)
+    )
+    if len(ta) != 1 or len(tb) != 1:
+        return False
+    return tuple(ta[0].shape) == tuple(tb[0].shape) and ta[0].dtype == tb[0].dtype
 
 
 def _per_sample_sizes(gm: fx.GraphModule) -> dict[fx.Node, float]:

@@ -17,6 +17,7 @@ __all__ = [
     "affine_module",
     "channel_step",
     "eval_batchnorm",
+    "in_place_operand",
     "is_elementwise_nonlinearity",
     "is_nonlinearity",
     "module_call_counts",
@@ -189,6 +190,15 @@ def add_operands(node: fx.Node) -> tuple[fx.Node, fx.Node] | None:
     if isinstance(a, fx.Node) and isinstance(b, fx.Node):
         return a, b
     return None
+
+
+def in_place_operand(node: fx.Node) -> fx.Node | None:
+    """The operand ``a`` that an ``a + b`` node may be computed into when ``a`` dies there
+    (not an input or a parameter, not both operands), else None."""
+    ops = add_operands(node)
+    if ops is None or ops[0] is ops[1] or ops[0].op in ("placeholder", "get_attr"):
+        return None
+    return ops[0]
 
 
 def module_call_counts(gm: fx.GraphModule) -> dict[str, int]:

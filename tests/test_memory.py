@@ -236,3 +236,96 @@ def test_estimate_sizes_underdetermined_kernel_systems_as_the_pointwise_ones_sol
     assert estimate(t_gm, s_gm, 4096, fxkd.CompressConfig(mode="kernel")).systems == (
         8 * (5 * 2049 * 2049 + 3 * 2049 * 10)  # enough rows: the head's kernel system
     )
+
+
+class _TwoBranchSum(torch.nn.Module):
+    """Two Linear branches of one input, summed: the sum is the peak of the live values."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b = torch.nn.Linear(10, 100), torch.nn.Linear(10, 100)
+
+    def forward(self, x):
+        return torch.relu(self.a(x) + self.b(x))
+
+
+def test_a_sum_whose_first_operand_dies_there_is_computed_into_it():
+    """GraphRunner writes ``a + b`` into ``a`` when nothing reads ``a`` afterwards (fx records a
+    ResNet's ``out += identity`` out of place): the values are the module's, the samples and
+    the weights untouched, the held peak one activation lower (a and b, not a, b and the sum),
+    and the estimate counts the same."""
+    model = _TwoBranchSum().eval()
+    gm = trace(model, torch.randn(4, 10))
+    chunks = [torch.randn(6, 10) for _ in range(3)]
+    given = [c.clone() for c in chunks]
+    weights = copy.deepcopy(model.state_dict())
+    runner = GraphRunner(gm, chunks)
+    with torch.no_grad():  # as calibration runs (autograd's tensors are left alone)
+        out = runner.finish()
+    with torch.no_grad():
+        for c, o in zip(chunks, out, strict=True):
+            torch.testing.assert_close(o, model(c), rtol=0, atol=0)
+    assert all(torch.equal(c, g) for c, g in zip(chunks, given, strict=True))
+    assert all(torch.equal(v, weights[k]) for k, v in model.state_dict().items())
+    per_sample = (10 + 100 + 100) * 4  # while b runs: x, a(x), b(x); the sum goes in a(x)
+    assert peak_live_bytes(gm) == per_sample
+    assert runner.peak_bytes == per_sample * 18
+
+
+def test_a_sum_does_not_overwrite_an_operand_still_read():
+    """A pinned first operand (a value calibration reads later) keeps its value; so does one
+    with a second reader, and then the held peak has the sum as a third activation."""
+    model = _TwoBranchSum().eval()
+    gm = trace(model, torch.randn(4, 10))
+    first = next(n for n in gm.graph.nodes if n.target == "a")
+    chunks = [torch.randn(6, 10)]
+    runner = GraphRunner(gm, chunks, pinned=[first])
+    with torch.no_grad():
+        runner.finish()
+    with torch.no_grad():
+        torch.testing.assert_close(runner.value(first)[0], model.a(chunks[0]), rtol=0, atol=0)
+    assert runner.peak_bytes == (100 + 100 + 100) * 4 * 6
+
+    total = next(n for n in gm.graph.nodes if n.op == "call_function" and n.args[0] is first)
+    with gm.graph.inserting_after(total):
+        extra = gm.graph.call_function(torch.mul, (first, 2.0))
+    relu = next(iter(total.users))
+    with gm.graph.inserting_after(relu):
+        both = gm.graph.call_function(torch.add, (relu, extra))
+    gm.graph.output_node().args = (both,)
+    gm.recompile()
+    with torch.no_grad():
+        out = GraphRunner(gm, chunks).finish()[0]
+    with torch.no_grad():
+        a, b = model.a(chunks[0]), model.b(chunks[0])
+    torch.testing.assert_close(out, torch.relu(a + b) + 2 * a, rtol=0, atol=0)
+
+
+class _Aliases(torch.nn.Module):
+    """Sums whose first operand shares its storage: with the samples (an Identity returns its
+    input) and with a view still read afterwards."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.skip = torch.nn.Identity()
+        self.a, self.b = torch.nn.Linear(10, 10), torch.nn.Linear(10, 10)
+
+    def forward(self, x):
+        h = self.b(x)
+        v = h.view(-1, 5, 2)
+        s = self.skip(x) + self.a(x)  # x's last reader is a: only the samples' own guard
+        return h + s, v
+
+
+def test_a_sum_never_writes_the_samples_or_a_storage_another_value_holds():
+    model = _Aliases().eval()
+    gm = trace(model, torch.randn(4, 10))
+    chunks = [torch.randn(6, 10), torch.randn(3, 10)]
+    given = [c.clone() for c in chunks]
+    with torch.no_grad():
+        out = GraphRunner(gm, chunks).finish()
+        for c, g, (total, view) in zip(chunks, given, out, strict=True):
+            expected_total, expected_view = model(g)
+            torch.testing.assert_close(total, expected_total, rtol=0, atol=0)
+            torch.testing.assert_close(view, expected_view, rtol=0, atol=0)
+            assert torch.equal(c, g)
