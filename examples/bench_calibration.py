@@ -2,7 +2,7 @@
 against the floor (one no-grad forward of teacher and student over the same chunks) and against
 the reference FSKD schedule (re-run both networks up to each block, solve, repeat).
 
-    python examples/bench_calibration.py                      # small VGG/ResNet pairs, 32x32
+    python examples/bench_calibration.py         # small VGG/ResNet pairs, 32x32, N=64, 256, 1024
     python examples/bench_calibration.py --pairs resnet18 --size 224 --samples 64 --repeats 1
     python examples/bench_calibration.py --pairs resnet50 --size 224 --samples 512 \\
         --device cuda --offload                               # what examples/gpu_check.sh runs
@@ -268,7 +268,7 @@ def _mib(n: int) -> str:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--pairs", nargs="+", choices=PAIRS, default=["vgg-style", "resnet-style"])
-    p.add_argument("--samples", nargs="+", type=int, default=[64, 256])
+    p.add_argument("--samples", nargs="+", type=int, default=[64, 256, 1024])
     p.add_argument("--modes", nargs="+", choices=fxkd.config.MODES, default=list(fxkd.config.MODES))
     p.add_argument("--size", type=int, default=32)
     p.add_argument("--repeats", type=int, default=3)
