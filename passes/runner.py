@@ -57,8 +57,9 @@ class GraphRunner:
             )
         self.chunks = [self._store(c) if self.offload else c.to(self.device) for c in chunks]
         # storages the runner must never write: the samples handed in and the model's tensors
-        self._foreign = {t.untyped_storage().data_ptr() for t in self.chunks}
-        self._foreign |= {t.untyped_storage().data_ptr() for t in (*gm.parameters(), *gm.buffers())}
+        self._foreign = {
+            t.untyped_storage().data_ptr() for t in (*self.chunks, *_model_tensors(gm))
+        }
         self.remaining = {n: len(n.users) for n in self.nodes}
         self.pinned = set(pinned)
         self.env: dict[fx.Node, list] = {}
@@ -219,6 +220,15 @@ class GraphRunner:
         if node.op == "call_method":
             return lambda obj, *a, **k: getattr(obj, node.target)(*a, **k)
         raise CalibrationError(f"cannot run node {node.name} (op {node.op})")
+
+
+def _model_tensors(gm: fx.GraphModule) -> list[torch.Tensor]:
+    """Every tensor the model owns: parameters, buffers, and plain tensor attributes of its
+    modules (a leaf module may return one as its output)."""
+    found = [*gm.parameters(), *gm.buffers()]
+    for module in gm.modules():
+        found += [v for v in vars(module).values() if isinstance(v, torch.Tensor)]
+    return found
 
 
 def _dense(t: torch.Tensor) -> bool:

@@ -329,3 +329,35 @@ def test_a_sum_never_writes_the_samples_or_a_storage_another_value_holds():
             torch.testing.assert_close(total, expected_total, rtol=0, atol=0)
             torch.testing.assert_close(view, expected_view, rtol=0, atol=0)
             assert torch.equal(c, g)
+
+
+class _Table(torch.nn.Module):
+    """A leaf that returns a tensor it holds as a plain attribute (neither parameter nor
+    buffer)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.table = torch.randn(6, 10)
+
+    def forward(self, x):
+        return self.table
+
+
+class _TablePlusLinear(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.lookup, self.lin = _Table(), torch.nn.Linear(10, 10)
+
+    def forward(self, x):
+        return self.lookup(x) + self.lin(x)
+
+
+def test_a_sum_never_writes_a_tensor_the_model_holds():
+    model = _TablePlusLinear().eval()
+    table = model.lookup.table.clone()
+    gm = trace(model, torch.randn(6, 10), leaf_modules=(_Table,))
+    x = torch.randn(6, 10)
+    with torch.no_grad():
+        (out,) = GraphRunner(gm, [x]).finish()
+        torch.testing.assert_close(out, table + model.lin(x), rtol=0, atol=0)
+    assert torch.equal(model.lookup.table, table)
