@@ -39,7 +39,6 @@ from fxkd.align import align
 from fxkd.lstsq import NormalEquations
 from fxkd.passes import CalibrateAdapters, InsertAdapters
 from fxkd.passes.calibrate import _groups
-from fxkd.passes.fold import batchnorm_folded_view
 from fxkd.passes.runner import GraphRunner
 from fxkd.placement import full_precision
 from fxkd.students import prune
@@ -61,9 +60,7 @@ class PerBlockCalibration(CalibrateAdapters):
         gm = graph_module
         groups = _groups(gm)
         device = next(gm.parameters()).device
-        # the teacher as fxkd runs it (BatchNorms folded): the schedules differ, nothing else
-        points = {m.module.pair.teacher_point for ms in groups.values() for m in ms}
-        t_view = batchnorm_folded_view(self.teacher, keep=points)
+        t_view = self._teacher_view(groups)  # as fxkd runs it: the schedules differ, nothing else
         t_nodes = {n.name: n for n in t_view.graph.nodes}
         chunks = list(self.samples.split(self.config.chunk_size))
         pending = {m.node for ms in groups.values() for m in ms}

@@ -251,10 +251,7 @@ def _aliases_input(gm: fx.GraphModule, node: fx.Node) -> bool:
 def _same_tensor_type(a: fx.Node, b: fx.Node) -> bool:
     """Both nodes' values (as ShapeProp saw them; an inserted node keeps its input's) have one
     shape and dtype: the sum fits in its first operand's storage."""
-    ta, tb = (
-        _metas(n) or (_metas(n.args[0]) if n.args and isinstance(n.args[0], fx.Node) else [])
-        for n in (a, b)
-    )
+    ta, tb = _value_metas(a), _value_metas(b)
     if len(ta) != 1 or len(tb) != 1:
         return False
     return tuple(ta[0].shape) == tuple(tb[0].shape) and ta[0].dtype == tb[0].dtype
@@ -269,11 +266,18 @@ def _per_sample_sizes(gm: fx.GraphModule) -> dict[fx.Node, float]:
     for n in gm.graph.nodes:
         if n.op in ("get_attr", "output"):
             continue
-        metas = _metas(n)
-        if not metas and n.args and isinstance(n.args[0], fx.Node):
-            metas = _metas(n.args[0])  # an inserted node keeps its input's shape
+        metas = _value_metas(n)
         sizes[n] = sum(math.prod(m.shape) * m.dtype.itemsize for m in metas) / batch
     return sizes
+
+
+def _value_metas(node: fx.Node) -> list[TensorMetadata]:
+    """A node's metadata, or its first input's for a node inserted after ShapeProp ran (an
+    adapter keeps its input's shape)."""
+    metas = _metas(node)
+    if not metas and node.args and isinstance(node.args[0], fx.Node):
+        metas = _metas(node.args[0])
+    return metas
 
 
 def _metas(node: fx.Node) -> list[TensorMetadata]:
