@@ -13,7 +13,16 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["blocks", "centred_patch_rows", "patch_blocks", "patches", "rows"]
+__all__ = [
+    "blocks",
+    "centred_patch_rows",
+    "conv_padding",
+    "patch_blocks",
+    "patch_mask",
+    "patches",
+    "rows",
+    "summed_patches",
+]
 
 
 def rows(value: torch.Tensor, dims: int) -> torch.Tensor:
@@ -40,7 +49,7 @@ def patch_blocks(x: torch.Tensor, module: nn.Module) -> torch.Tensor:
     if isinstance(module, nn.Linear):
         return blocks(x, 0, 1)
     n, c, dims, g = x.shape[0], x.shape[1], x.dim() - 2, module.groups
-    pads = _padding(module)
+    pads = conv_padding(module)
     if dims == 2 and all(lo == hi for lo, hi in pads):
         cols = F.unfold(
             x,
@@ -78,7 +87,7 @@ def centred_patch_rows(
     samples are the patches of the input summed over samples: a pass over the input, not over
     the patch matrix."""
     n, c, dims, g = x.shape[0], x.shape[1], x.dim() - 2, module.groups
-    pads = _padding(module)
+    pads = conv_padding(module)
     spatial = x.shape[2:]
     buf = x.new_empty(c, n, *[s + lo + hi for s, (lo, hi) in zip(spatial, pads, strict=True)])
     for d, (s, (lo, hi)) in enumerate(zip(spatial, pads, strict=True)):
@@ -90,11 +99,27 @@ def centred_patch_rows(
     features = (c // g) * math.prod(module.kernel_size)
     cols = _windows(buf, module).reshape(g, features, -1)  # the one copy
     summed = _windows(buf.sum(dim=1, keepdim=True, dtype=torch.float64), module)
-    masks = _in_bounds(module, pads, spatial, x.device)
+    return cols, patch_mask(module, spatial, x.device), summed.reshape(g, features, -1)
+
+
+def summed_patches(total: torch.Tensor, module: nn.Module) -> torch.Tensor:
+    """The im2col patches of one (C, *S) input ``total`` (e.g. the centred inputs summed over
+    the samples), zero padding, as (G, C/G·Πk, ΠL) like ``centred_patch_rows``' sums."""
+    pads = conv_padding(module)
+    flat = [p for pair in reversed(pads) for p in pair]
+    padded = F.pad(total, flat) if any(flat) else total
+    features = (total.shape[0] // module.groups) * math.prod(module.kernel_size)
+    return _windows(padded[:, None], module).reshape(module.groups, features, -1)
+
+
+def patch_mask(module: nn.Module, spatial, device) -> torch.Tensor:
+    """The (ΠL, Πk) fp64 mask of the kernel offsets that read inside an input of size
+    ``spatial`` (not padding) at each output position, positions and offsets row-major."""
+    masks = _in_bounds(module, conv_padding(module), spatial, device)
     mask = masks[0].to(torch.float64)
     for m in masks[1:]:  # row-major over positions and over offsets
         mask = (mask[:, None, :, None] * m.to(mask)[None, :, None, :]).flatten(2).flatten(0, 1)
-    return cols, mask, summed.reshape(g, features, -1)
+    return mask
 
 
 def _windows(buf: torch.Tensor, module: nn.Module) -> torch.Tensor:
@@ -130,7 +155,8 @@ def patches(x: torch.Tensor, module: nn.Module) -> torch.Tensor:
     return b.permute(0, 3, 1, 2).reshape(-1, b.shape[1], b.shape[2])
 
 
-def _padding(module: nn.Module) -> list[tuple[int, int]]:
+def conv_padding(module: nn.Module) -> list[tuple[int, int]]:
+    """(before, after) zero padding per spatial dimension, "valid" and "same" resolved."""
     k, dil = module.kernel_size, module.dilation
     if module.padding == "valid":
         return [(0, 0)] * len(k)

@@ -1,0 +1,200 @@
+"""The patch Gram of stride-1 convs as displaced products (fxkd.displaced) sums exactly what
+im2col's patches do."""
+
+import math
+import os
+import tempfile
+
+import pytest
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from fxkd import displaced, lstsq
+from fxkd.displaced import Geometry, displaced_products_fit, displaced_products_pay
+from fxkd.lstsq import NormalEquations
+from fxkd.patches import patch_blocks
+
+
+@pytest.fixture
+def always_displaced(monkeypatch):
+    """Every conv that the displaced products can take goes through them, whatever it costs."""
+    monkeypatch.setattr(lstsq, "displaced_products_pay", displaced_products_fit)
+
+
+def test_geometry_of_a_3x3_same_conv():
+    """13 displacements up to transposition; tap (−1, ·) never reads the last row, tap (+1, ·)
+    never the first (likewise for columns); a strip's neighbours outside the image are not
+    taken, so each of the four strips needs the 5 displacements along it."""
+    geo = Geometry(nn.Conv2d(32, 32, 3, padding=1), (56, 56))
+    assert geo.valid and geo.out == (56, 56)
+    assert len(geo.half) == 13 and (0, 0) in geo.half and all(d >= (0, 0) for d in geo.half)
+    assert geo.taps[0] == (-1, -1) and geo.excluded[0] == ((55,), (55,))
+    assert geo.excluded[4] == ((), ())  # the centre tap reads every position
+    assert sorted(k for k in geo.strips if k[0] != "corner") == [
+        ("col", 0), ("col", 55), ("row", 0), ("row", 55)
+    ]  # fmt: skip
+    assert sorted(geo.strips[("row", 55)]) == [(0, dx) for dx in range(-2, 3)]
+    assert geo.frame == (58, 58) and geo.lead == 2 * 58 + 2
+    assert geo.cost_share() < 0.45  # ~1/3 of the direct Gram's FLOPs, plus the cross
+
+
+@pytest.mark.parametrize(
+    ("module", "shape", "pays"),
+    [
+        (nn.Conv2d(64, 32, 3, padding=1), (1, 64, 56, 56), True),
+        (nn.Conv2d(256, 128, 3, padding=1), (1, 256, 14, 14), True),
+        (nn.Conv2d(64, 64, 3, padding=1, stride=2), (1, 64, 56, 56), False),  # stride
+        (nn.Conv2d(64, 64, 1), (1, 64, 56, 56), False),  # one tap: the direct product
+        (nn.Conv2d(64, 64, 3, padding=1, padding_mode="reflect"), (1, 64, 56, 56), False),
+        (nn.Conv2d(64, 64, 3, padding=3), (1, 64, 56, 56), False),  # reads beyond the span
+        (nn.Conv2d(8, 8, 3, padding=1), (1, 8, 56, 56), False),  # too few channels
+        (nn.Conv2d(64, 64, 3, padding=1, groups=64), (1, 64, 56, 56), False),  # depthwise
+        (nn.Conv2d(32, 32, 3, padding=1), (1, 32, 16, 16), False),  # too small an input
+        (nn.Conv2d(512, 512, 3, padding=1), (1, 512, 7, 7), False),  # strips cost too much
+        (nn.Conv1d(64, 64, 3, padding=1), (1, 64, 56), False),
+    ],
+)
+def test_when_the_displaced_products_are_used(module, shape, pays):
+    assert displaced_products_pay(module, torch.empty(shape)) is pays
+
+
+CONVS = [
+    {"kernel_size": 3, "padding": 1},
+    {"kernel_size": 3, "padding": 0},
+    {"kernel_size": 5, "padding": 2},
+    {"kernel_size": (3, 5), "padding": (2, 1), "dilation": (2, 1)},
+    {"kernel_size": 4, "padding": "same"},  # asymmetric padding
+    {"kernel_size": 3, "padding": (0, 2), "dilation": (1, 2)},
+    {"kernel_size": (1, 3), "padding": (0, 1)},
+    {"kernel_size": 3, "padding": 1, "groups": 2},
+]
+
+
+@pytest.mark.filterwarnings("ignore:Using padding='same'")
+@pytest.mark.parametrize("conv", CONVS)
+@pytest.mark.parametrize("bias", [True, False])
+def test_displaced_products_sum_the_patch_normal_equations(conv, bias, always_displaced):
+    """fp64, several updates of different sizes, shifted ReLU features (large means, so the
+    shift terms matter): the same Gram and cross as update_blocks on F.unfold's patches."""
+    module = nn.Conv2d(6, 4, **conv).double()
+    g = module.groups
+    k, d = module.out_channels // g, (6 // g) * math.prod(module.kernel_size)
+    blocks, products = (NormalEquations(g, d, k, bias=bias) for _ in range(2))
+    gen = torch.Generator().manual_seed(1)
+    for n in (3, 2, 4):
+        x = (torch.randn(n, 6, 7, 9, generator=gen, dtype=torch.float64) + 2).relu()
+        with torch.no_grad():
+            y = module(x) + 0.1 * torch.randn(module(x).shape, generator=gen, dtype=torch.float64)
+        y = y.reshape(n, g, k, -1)
+        blocks.update_blocks(patch_blocks(x, module), y)
+        products.update_patches(x, module, y)
+    assert products._displaced is not None  # the path under test was taken
+    assert products.rows == blocks.rows
+    torch.testing.assert_close(products.gram, blocks.gram, rtol=1e-12, atol=1e-9)
+    torch.testing.assert_close(products.cross, blocks.cross, rtol=1e-12, atol=1e-9)
+
+
+def test_full_frames_are_multiplied_out_and_reading_midway_loses_nothing(
+    always_displaced, monkeypatch
+):
+    """Frames of two samples' room: updates of 1, 3 (larger than the frames: they grow) and 2
+    samples, the sums read between updates: every sample counted once."""
+    monkeypatch.setattr(displaced, "FRAME_ELEMENTS", 2 * 6 * 9 * 11)
+    module = nn.Conv2d(6, 4, 3, padding=1).double()
+    gen = torch.Generator().manual_seed(2)
+    x = torch.randn(6, 6, 7, 9, generator=gen, dtype=torch.float64) + 1.0
+    y = torch.randn(6, 1, 4, 63, generator=gen, dtype=torch.float64)
+    whole, parts = (NormalEquations(1, 54, 4, bias=True) for _ in range(2))
+    whole.update_blocks(patch_blocks(x, module), y)
+    for lo, hi in ((0, 1), (1, 4), (4, 6)):
+        parts.update_patches(x[lo:hi], module, y[lo:hi])
+        _ = parts.gram, parts.cross
+    torch.testing.assert_close(parts.gram, whole.gram, rtol=1e-12, atol=1e-9)
+    torch.testing.assert_close(parts.cross, whole.cross, rtol=1e-12, atol=1e-9)
+
+
+def test_fp32_displaced_products_keep_the_spread_not_the_mean(always_displaced):
+    """fp32 inputs with a mean 300 times their spread: the centred second moments are as
+    accurate as the direct patch product's."""
+    module = nn.Conv2d(8, 8, 3, padding=1)
+    gen = torch.Generator().manual_seed(2)
+    x = torch.randn(16, 8, 12, 12, generator=gen) + 300.0
+    y = torch.randn(16, 1, 8, 144, generator=gen) + 50.0
+    exact = NormalEquations(1, 72, 8, bias=True)
+    exact.update_blocks(patch_blocks(x.double(), module), y.double())
+
+    def centred(eqs):
+        n = eqs.rows
+        mean = eqs.gram[:, 72:, :72] / n
+        return eqs.gram[:, :72, :72] / n - mean.transpose(-1, -2) @ mean
+
+    errors = {}
+    for name in ("direct", "displaced"):
+        eqs = NormalEquations(1, 72, 8, bias=True)
+        for xs, ys in zip(x.split(4), y.split(4), strict=True):
+            if name == "direct":
+                eqs.update_blocks(patch_blocks(xs, module), ys)
+            else:
+                eqs.update_patches(xs, module, ys)
+        errors[name] = float((centred(eqs) - centred(exact)).norm() / centred(exact).norm())
+    assert eqs._displaced is not None
+    assert errors["displaced"] < 1e-5, errors
+    assert errors["displaced"] < 3 * errors["direct"] + 1e-7, errors
+
+
+def test_reduced_sums_are_kept_and_later_products_add_to_them(always_displaced):
+    """all_reduce under a (one-rank) process group hands the assembled sums to the base and
+    forgets the products: reading them after, and adding more, counts every sample once."""
+    module = nn.Conv2d(6, 4, 3, padding=1).double()
+    gen = torch.Generator().manual_seed(3)
+    x = torch.randn(5, 6, 7, 9, generator=gen, dtype=torch.float64) + 1.0
+    y = torch.randn(5, 1, 4, 63, generator=gen, dtype=torch.float64)
+    whole, parts = (NormalEquations(1, 54, 4, bias=True) for _ in range(2))
+    whole.update_blocks(patch_blocks(x, module), y)
+    with tempfile.TemporaryDirectory() as tmp:
+        dist.init_process_group(
+            "gloo", init_method=f"file://{os.path.join(tmp, 'init')}", rank=0, world_size=1
+        )
+        try:
+            parts.update_patches(x[:3], module, y[:3])
+            parts.all_reduce()
+            parts.update_patches(x[3:], module, y[3:])
+            parts.all_reduce()
+        finally:
+            dist.destroy_process_group()
+    assert parts.rows == whole.rows
+    torch.testing.assert_close(parts.gram, whole.gram, rtol=1e-12, atol=1e-9)
+    torch.testing.assert_close(parts.cross, whole.cross, rtol=1e-12, atol=1e-9)
+
+
+def test_kernel_mode_calibration_folds_the_same_student_either_way(monkeypatch):
+    """A residual pair in kernel mode, fp64: the student folded with displaced products at
+    every stride-1 conv equals the one folded with im2col's (same solves, same reports)."""
+    import fxkd
+
+    from models import make, prune_internal_resnet
+
+    teacher, shape = make("resnet")
+    student, maps = prune_internal_resnet(teacher)
+    teacher, student = teacher.double(), student.double()
+    samples = torch.randn(24, *shape, generator=torch.Generator().manual_seed(4)).double()
+    runs = {}
+    for name, rule in (("direct", lambda m, x: False), ("displaced", displaced_products_fit)):
+        taken = []
+
+        def recorded(m, x, rule=rule, taken=taken):
+            taken.append(rule(m, x))
+            return taken[-1]
+
+        monkeypatch.setattr(lstsq, "displaced_products_pay", recorded)
+        result = fxkd.compress(
+            teacher, student, samples, channel_maps=maps, mode="kernel", num_samples=24,
+            progress=False,
+        )  # fmt: skip
+        runs[name] = (result.model.state_dict(), [r.err_after for r in result.report.calibrated])
+        assert any(taken) == (name == "displaced")
+    (direct, e_direct), (products, e_products) = runs["direct"], runs["displaced"]
+    for key, value in direct.items():
+        torch.testing.assert_close(products[key], value, rtol=1e-9, atol=1e-12)
+    assert e_products == pytest.approx(e_direct, rel=1e-8, abs=1e-14)
