@@ -182,7 +182,9 @@ class NormalEquations:
             mu = mu_c.view(g, c // g, 1).expand(g, c // g, taps).reshape(g, -1)
             self._set_shift(mu, y, dtype)
         mu_c = self._shift[0].view(g, c // g, taps)[:, :, 0].reshape(-1).to(x.device, dtype)
-        if displaced_products_pay(producer, x):
+        if self._displaced is not None or (
+            self._mask is None and displaced_products_pay(producer, x)
+        ):  # decided at the first update: the producer and the input's shape stay the same
             self._add_displaced(x.to(dtype), producer, mu_c, y)
             return
         xc, self._mask, x_sum = centred_patch_rows(x.to(dtype), producer, mu_c)  # same geometry
