@@ -150,6 +150,7 @@ class NormalEquations:
         self._pending_rows = 0  # rows in _stats (since the sums were last reduced over ranks)
         self._shift: tuple[torch.Tensor, torch.Tensor] | None = None  # μ (P, D), ν (P, K)
         self._mask: torch.Tensor | None = None  # m (L, nk) of update_patches; None: uniform
+        self._producer = None  # update_patches' conv: its patches of the summed inputs give S
         self._displaced: DisplacedProducts | None = None  # update_patches' stride-1 products
         self._final: tuple[torch.Tensor, torch.Tensor] | None = None
         self.rows = 0
@@ -187,8 +188,9 @@ class NormalEquations:
         ):  # decided at the first update: the producer and the input's shape stay the same
             self._add_displaced(x.to(dtype), producer, mu_c, y)
             return
-        xc, self._mask, x_sum = centred_patch_rows(x.to(dtype), producer, mu_c)  # same geometry
-        self._add(xc, y, self._mask, x_sum)  # each time
+        xc, self._mask, x_total = centred_patch_rows(x.to(dtype), producer, mu_c)
+        self._producer = producer
+        self._add(xc, y, x_total)
 
     def _add_displaced(self, x, producer, mu_c, y) -> None:
         """``update_patches`` for a stride-1 2-D conv: the patch Gram and cross as displaced
@@ -201,9 +203,9 @@ class NormalEquations:
                 producer, spatial, p, x.shape[1] // p, k, x.dtype, x.device
             )
             self._mask = patch_mask(producer, spatial, x.device)
+            self._producer = producer
         x_total, y_sum = self._displaced.add(x, mu_c, y, self._shift[1])
-        x_sum = summed_patches(x_total, producer)
-        self._count(x_sum, y_sum, b * length)
+        self._count(x_total, y_sum, b * length)
         if self._displaced.rows >= self.FLUSH_ROWS:
             self._displaced.flush()
 
@@ -211,17 +213,10 @@ class NormalEquations:
         nu = y.to(dtype).mean(dim=(0, 3))
         self._shift = (mu.to(torch.float64), nu.to(torch.float64))
 
-    def _add(
-        self,
-        xc: torch.Tensor,
-        y: torch.Tensor,
-        mask: torch.Tensor | None = None,
-        x_sum: torch.Tensor | None = None,
-    ) -> None:
-        """Accumulate centred rows ``xc`` (P, D, B·L) against targets ``y`` (B, P, K, L); with
-        ``mask`` (L, nk), the per-position offset mask of the shift, also the masked sums S, T
-        from ``x_sum`` (P, D, L), the rows summed over the B samples (a uniform shift needs only
-        the column sums)."""
+    def _add(self, xc: torch.Tensor, y: torch.Tensor, x_total: torch.Tensor | None = None) -> None:
+        """Accumulate centred rows ``xc`` (P, D, B·L) against targets ``y`` (B, P, K, L); for
+        patches also the centred conv input summed over the B samples, ``x_total`` (C, *S), for
+        the masked sums S, T (a uniform shift needs only the column sums)."""
         b, p, k, length = y.shape
         d = xc.shape[1]
         nu = self._shift[1].to(y.device)
@@ -236,26 +231,19 @@ class NormalEquations:
             self._acc[0][:, lo:hi, :hi].baddbmm_(xc[:, lo:hi], xc[:, :hi].transpose(-1, -2))
         self._acc[1].baddbmm_(xc, yc.transpose(-1, -2))
         self._acc_rows += b * length
-        if mask is None:
+        if x_total is None:
             self._count(xc.sum(dim=-1).double(), yc.sum(dim=-1).double(), b * length)
         else:
-            self._count(x_sum, yc.view(p, k, b, length).sum(dim=2).double(), b * length)
+            self._count(x_total, yc.view(p, k, b, length).sum(dim=2).double(), b * length)
         if self._acc_rows >= self.FLUSH_ROWS:
             self._flush()
 
     def _count(self, x_sum: torch.Tensor, y_sum: torch.Tensor, rows: int) -> None:
         """Add ``rows`` rows' sums of the centred features and targets: column sums (P, D) /
-        (P, K) for a uniform shift, else sums over samples per position (P, D, L) / (P, K, L),
-        reduced here against the offset mask to S and T."""
-        if self._mask is None:
-            stats = {"sx": x_sum, "sy": y_sum}
-        else:
-            stats = {
-                "sx": x_sum.sum(dim=-1),
-                "sy": y_sum.sum(dim=-1),
-                "S": x_sum @ self._mask.to(x_sum),
-                "T": y_sum @ self._mask.to(x_sum),
-            }
+        (P, K) for a uniform shift; for patches, the conv input and the targets summed over the
+        samples, (C, *S) / (P, K, L), which ``_masked_sums`` turns into s_x, S, s_y, T once per
+        read (all are linear in these sums)."""
+        stats = {"sx": x_sum, "sy": y_sum} if self._mask is None else {"xt": x_sum, "yt": y_sum}
         for key, value in stats.items():
             self._stats[key] = self._stats[key] + value if key in self._stats else value
         self.rows += rows
@@ -330,6 +318,7 @@ class NormalEquations:
                 masked_x, masked_y = st["sx"][:, :, None], st["sy"][:, :, None]
             else:
                 m = self._mask.to(self.device)
+                st = self._masked_sums(m)
                 masked_x, masked_y = st["S"], st["T"]
             samples = n / m.shape[0]  # every sample contributes m's rows once
             counts, offset_rows = samples * (m.T @ m), samples * m.sum(dim=0)  # N (nk, nk), c
@@ -351,6 +340,13 @@ class NormalEquations:
                 cross[:, d] += st["sy"] + n * nu
         self._final = (gram, cross)
         return self._final
+
+    def _masked_sums(self, m: torch.Tensor) -> dict[str, torch.Tensor]:
+        """s_x, s_y and the masked sums S = Σ_rows x_cᵀm, T = Σ_rows y_cᵀm from the summed conv
+        inputs and targets: S is the mask applied to the patches of the summed input."""
+        x_sum = summed_patches(self._stats["xt"].to(self.device), self._producer)  # (P, D, L)
+        y_sum = self._stats["yt"].to(self.device)
+        return {"sx": x_sum.sum(dim=-1), "sy": y_sum.sum(dim=-1), "S": x_sum @ m, "T": y_sum @ m}
 
     @property
     def gram(self) -> torch.Tensor:

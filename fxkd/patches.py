@@ -78,14 +78,13 @@ def centred_patch_rows(
     out for the GEMM: contiguous (G, C/G·Πk, N·ΠL), features ordered like ``weight[o].flatten()``
     per group, rows (sample, position) like ``patch_blocks``; the (ΠL, Πk) mask ``m`` of the
     kernel offsets that read inside the input at each output position (the patches of ``x``
-    itself are ``cols + μ_f·m[l, k(f)]``, ``k(f)`` = f mod Πk); and the patches' sums over the
-    samples, (G, C/G·Πk, ΠL) in fp64.
+    itself are ``cols + μ_f·m[l, k(f)]``, ``k(f)`` = f mod Πk); and ``x − μ`` summed over the
+    samples, (C, *S) in fp64 (its patches, ``summed_patches``, are the patches' sums over the
+    samples).
 
     One pass writes the centred input, channels first, into a buffer whose padding alone is
     zeroed; one strided copy of its unfolded view is the patch matrix (F.unfold + a
-    shift-and-transpose copy take two passes over the Πk-times larger patches). The sums over
-    samples are the patches of the input summed over samples: a pass over the input, not over
-    the patch matrix."""
+    shift-and-transpose copy take two passes over the Πk-times larger patches)."""
     n, c, dims, g = x.shape[0], x.shape[1], x.dim() - 2, module.groups
     pads = conv_padding(module)
     spatial = x.shape[2:]
@@ -98,8 +97,7 @@ def centred_patch_rows(
     torch.sub(x.transpose(0, 1), mu.to(x).view(c, 1, *[1] * dims), out=inner)
     features = (c // g) * math.prod(module.kernel_size)
     cols = _windows(buf, module).reshape(g, features, -1)  # the one copy
-    summed = _windows(buf.sum(dim=1, keepdim=True, dtype=torch.float64), module)
-    return cols, patch_mask(module, spatial, x.device), summed.reshape(g, features, -1)
+    return cols, patch_mask(module, spatial, x.device), inner.sum(dim=1, dtype=torch.float64)
 
 
 def summed_patches(total: torch.Tensor, module: nn.Module) -> torch.Tensor:
