@@ -8,8 +8,9 @@ inside one process.
 On a noisy shared machine separate processes (even alternated) misled us; alternating the two
 variants inside one process, and which one goes first in each round, held up. Both variants run
 the same teacher, student and samples; the per-point errors after the solve are compared, so a
-speed-up that changes the results shows. Only ``passes/calibrate.py`` and ``fxkd/lstsq.py`` are
-taken from the revision (the rest is the working tree's): use it for changes confined to them.
+speed-up that changes the results shows. Only ``passes/calibrate.py``, ``fxkd/lstsq.py``,
+``fxkd/patches.py`` and ``fxkd/displaced.py`` are taken from the revision (the rest is the
+working tree's): use it for changes confined to them.
 """
 
 from __future__ import annotations
@@ -37,16 +38,47 @@ from fxkd.trace import trace
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def _module_at(rev: str, path: str, name: str, package: str) -> dict:
-    """The namespace of ``path`` as of git revision ``rev``, imported as ``name``."""
-    source = subprocess.run(
-        ["git", "show", f"{rev}:{path}"], cwd=ROOT, check=True, capture_output=True, text=True
-    ).stdout
+def _module_at(rev: str, path: str, name: str, package: str) -> dict | None:
+    """The namespace of ``path`` as of git revision ``rev``, imported as ``name`` (None when
+    the file is not in that revision)."""
+    shown = subprocess.run(
+        ["git", "show", f"{rev}:{path}"], cwd=ROOT, capture_output=True, text=True
+    )
+    if shown.returncode != 0:
+        return None
     module = types.ModuleType(name)
     module.__package__ = package
     sys.modules[name] = module
-    exec(compile(source, f"{rev}:{path}", "exec"), module.__dict__)
+    exec(compile(shown.stdout, f"{rev}:{path}", "exec"), module.__dict__)
     return module.__dict__
+
+
+REVISED = ("fxkd/patches.py", "fxkd/displaced.py", "fxkd/lstsq.py", "passes/calibrate.py")
+"""The files taken from the revision, in import order: each sees the revision's earlier ones."""
+
+
+def _revision(rev: str) -> dict:
+    """The revision's calibrate namespace, its imports of the REVISED modules bound to the
+    revision's copies (the working tree's sys.modules entries are put back afterwards)."""
+    names = {path: "fxkd." + path[:-3].replace("/", ".").removeprefix("fxkd.") for path in REVISED}
+    names["passes/calibrate.py"] = "fxkd.passes.calibrate"
+    saved = {name: sys.modules.get(name) for name in names.values()}
+    namespace = None
+    try:
+        for path, name in names.items():
+            package = name.rsplit(".", 1)[0]
+            namespace = _module_at(rev, path, f"{package}._ab_{name.rsplit('.', 1)[1]}", package)
+            if namespace is not None:
+                module = types.ModuleType(name)
+                module.__dict__.update(namespace)
+                sys.modules[name] = module
+    finally:
+        for name, module in saved.items():
+            if module is not None:
+                sys.modules[name] = module
+            else:
+                sys.modules.pop(name, None)
+    return namespace
 
 
 def main() -> None:
@@ -59,11 +91,7 @@ def main() -> None:
     p.add_argument("--rounds", type=int, default=5)
     args = p.parse_args()
 
-    lstsq = _module_at(args.rev, "fxkd/lstsq.py", "fxkd._ab_lstsq", "fxkd")
-    calibrate = _module_at(
-        args.rev, "passes/calibrate.py", "fxkd.passes._ab_calibrate", "fxkd.passes"
-    )
-    calibrate["NormalEquations"] = lstsq["NormalEquations"]
+    calibrate = _revision(args.rev)
     methods = ("call", "_solve", "_solve_jointly")  # the pass's whole run, each variant's own
     variants = {
         args.rev: {m: getattr(calibrate["CalibrateAdapters"], m) for m in methods},

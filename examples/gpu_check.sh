@@ -4,7 +4,9 @@
 #   2. runs the tests marked `cuda` (offload, TF32 off, teacher/student on two devices, ...);
 #   3. runs the cost benchmark for torchvision resnet50 (teacher) and an internally pruned
 #      student at 224x224, N=512, both modes, with offload and peak memory, then the small
-#      pairs and resnet18 at N = 64, 256, 1024 as time allows.
+#      pairs and resnet18 at N = 64, 256, 1024 as time allows;
+#   4. times kernel mode's patch Gram as im2col + GEMM against displaced products on the GPU
+#      (fxkd.displaced.DEVICES lists "cuda" only once this says they pay there).
 # Usage: examples/gpu_check.sh [output dir]      (default gpu_check_out/)
 # On a machine without network: put wheels of missing dependencies (torch-pruning) in .whl/.
 set -uo pipefail
@@ -24,4 +26,6 @@ timeout 90 python3 examples/bench_calibration.py --pairs resnet18 --size 224 \
     2>&1 | tee "$out/bench_resnet18.txt"
 timeout 45 python3 examples/bench_calibration.py --samples 64 256 1024 --device cuda \
     --repeats 3 --json "$out/bench_small.json" 2>&1 | tee "$out/bench_small.txt"
+timeout 60 python3 examples/bench_displaced.py --device cuda --samples 512 2>&1 \
+    | tee "$out/bench_displaced.txt"
 echo "total: $((SECONDS - start)) s"

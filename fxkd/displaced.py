@@ -41,6 +41,11 @@ from fxkd.patches import conv_padding
 
 __all__ = ["DisplacedProducts", "Geometry", "displaced_products_fit", "displaced_products_pay"]
 
+DEVICES = ("cpu",)
+"""Where the displaced products are used by default: measured faster on a 2-core CPU; on GPUs,
+where the direct product is one large GEMM and these are some 30 smaller ones, not measured
+yet (``examples/gpu_check.sh`` checks them for equality; time them before adding "cuda")."""
+
 MIN_CHANNELS = 16
 """Channels per group from which the displaced products are used: below it their C×C GEMMs are
 too small to run near the machine's rate, and the direct k²C-feature product is cheap anyway."""
@@ -72,10 +77,11 @@ def displaced_products_fit(module: nn.Module, x: torch.Tensor) -> bool:
 
 
 def displaced_products_pay(module: nn.Module, x: torch.Tensor) -> bool:
-    """True when they fit and are cheaper than the direct product: at least ``MIN_CHANNELS``
+    """True when they fit and are cheaper than the direct product: on a device of ``DEVICES``,
+    at least ``MIN_CHANNELS``
     input channels and ``MIN_VALUES`` input values per group and sample, and FLOPs at most
     ``MAX_COST_SHARE`` of the direct product's."""
-    if not displaced_products_fit(module, x):
+    if x.device.type not in DEVICES or not displaced_products_fit(module, x):
         return False
     channels = x.shape[1] // module.groups
     if channels < MIN_CHANNELS or channels * x.shape[2] * x.shape[3] < MIN_VALUES:

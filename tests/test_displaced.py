@@ -198,3 +198,30 @@ def test_kernel_mode_calibration_folds_the_same_student_either_way(monkeypatch):
     for key, value in direct.items():
         torch.testing.assert_close(products[key], value, rtol=1e-9, atol=1e-12)
     assert e_products == pytest.approx(e_direct, rel=1e-8, abs=1e-14)
+
+
+@pytest.mark.cuda
+def test_displaced_products_on_the_gpu_equal_the_cpus(always_displaced):
+    """The frames' flat offsets and strided strips on a CUDA device (fp64): the same sums as
+    im2col on the CPU. Off by default there (``DEVICES``) until timed: this checks them."""
+    if not torch.cuda.is_available():
+        pytest.skip("needs CUDA")
+    module = nn.Conv2d(6, 4, 3, padding=1).double()
+    gen = torch.Generator().manual_seed(5)
+    x = torch.randn(5, 6, 7, 9, generator=gen, dtype=torch.float64) + 1.0
+    y = torch.randn(5, 1, 4, 63, generator=gen, dtype=torch.float64)
+    cpu = NormalEquations(1, 54, 4, bias=True)
+    cpu.update_blocks(patch_blocks(x, module), y)
+    gpu = NormalEquations(1, 54, 4, bias=True, device="cuda")
+    gpu.update_patches(x.cuda(), module.cuda(), y.cuda())
+    assert gpu._displaced is not None
+    torch.testing.assert_close(gpu.gram.cpu(), cpu.gram, rtol=1e-12, atol=1e-9)
+    torch.testing.assert_close(gpu.cross.cpu(), cpu.cross, rtol=1e-12, atol=1e-9)
+
+
+def test_the_default_route_is_the_direct_product_off_the_listed_devices(monkeypatch):
+    """``DEVICES`` gates the default: a conv that pays on the CPU does not elsewhere."""
+    conv, x = nn.Conv2d(64, 32, 3, padding=1), torch.empty(1, 64, 56, 56)
+    assert displaced_products_pay(conv, x)
+    monkeypatch.setattr(displaced, "DEVICES", ())
+    assert not displaced_products_pay(conv, x)
