@@ -38,7 +38,7 @@ import fxkd
 from fxkd.align import align
 from fxkd.lstsq import NormalEquations
 from fxkd.passes import CalibrateAdapters, InsertAdapters
-from fxkd.passes.calibrate import _groups
+from fxkd.passes.calibrate import _groups, _projected_sources
 from fxkd.passes.runner import GraphRunner
 from fxkd.placement import full_precision
 from fxkd.students import prune
@@ -68,7 +68,8 @@ class PerBlockCalibration(CalibrateAdapters):
             for point, members in groups.items():
                 target = t_nodes[members[0].module.pair.teacher_point]
                 teacher = GraphRunner(t_view, chunks, pinned=[target])
-                student = GraphRunner(gm, chunks)
+                self._sources = _projected_sources([members])
+                student = GraphRunner(gm, chunks, pinned=self._sources)
                 self._solve(
                     point, members, target, teacher, student, None, pending, device, torch.float32
                 )

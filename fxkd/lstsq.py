@@ -153,6 +153,7 @@ class NormalEquations:
         self._producer = None  # update_patches' conv: its patches of the summed inputs give S
         self._displaced: DisplacedProducts | None = None  # update_patches' stride-1 products
         self._final: tuple[torch.Tensor, torch.Tensor] | None = None
+        self._projected = False
         self.rows = 0
 
     def update(self, x: torch.Tensor, y: torch.Tensor) -> None:
@@ -164,6 +165,7 @@ class NormalEquations:
         (B, P, K, L), rows = B·L (e.g. a conv output (N, C, H, W) viewed as (N, G, C/G, H·W):
         no copy). Any float dtype. The shift is written straight into a (P, D, rows) buffer,
         so shifting is also the one copy that puts the rows in GEMM layout."""
+        self._check_open()
         dtype = _work_dtype(x)
         if self._shift is None:  # fp32-rounded shifts: the algebra is exact for any shift
             self._set_shift(x.to(dtype).mean(dim=(0, 3)), y, dtype)
@@ -175,6 +177,7 @@ class NormalEquations:
         against ``y`` (B, P, K, L), P = the conv's groups. The patches are built once, already
         centred and in GEMM layout (``centred_patch_rows``): no separate shift pass over the
         k²-times larger patch matrix."""
+        self._check_open()
         dtype = _work_dtype(x)
         g, c = producer.groups, x.shape[1]
         taps = math.prod(producer.kernel_size)
@@ -208,6 +211,10 @@ class NormalEquations:
         self._count(x_total, y_sum, b * length)
         if self._displaced.rows >= self.FLUSH_ROWS:
             self._displaced.flush()
+
+    def _check_open(self) -> None:
+        if self._projected:
+            raise RuntimeError("NormalEquations.project was called: no more updates")
 
     def _set_shift(self, mu: torch.Tensor, y: torch.Tensor, dtype) -> None:
         nu = y.to(dtype).mean(dim=(0, 3))
@@ -374,6 +381,19 @@ class NormalEquations:
         self._stats = {}
         self._pending_rows = 0
         self._final = self._base
+
+    def project(self, mapping: torch.Tensor) -> None:
+        """Turn the sums over features ``h`` into those over ``x = A h + a``: ``mapping`` (P,
+        D'[+1], D[+1]) takes ``[h 1]`` to ``[x 1]`` (``[[A, a], [0, 1]]`` with a bias, else A),
+        so gram ← M G Mᵀ and cross ← M B, in fp64, once (``fxkd.projection``). Call it after
+        the last update (and ``all_reduce``); the system then has D' features."""
+        gram, cross = self._finalize()
+        m = mapping.to(gram)
+        self._final = self._base = (m @ gram @ m.transpose(-1, -2), m @ cross)
+        self.features = m.shape[-2] - int(self.bias)
+        self._xx = self._xy = self._acc = self._displaced = self._shift = None
+        self._stats, self._pending_rows, self._acc_rows, self._mask = {}, 0, 0, None
+        self._projected = True
 
     def conditioning(self) -> Conditioning:
         """Dead and dependent features and a condition bound of the accumulated features. With

@@ -29,6 +29,7 @@ from fxkd.config import CompressConfig
 from fxkd.errors import MemoryBudgetError
 from fxkd.nodes import in_place_operand
 from fxkd.placement import module_device
+from fxkd.projection import producer_input
 
 __all__ = ["MemoryEstimate", "available_bytes", "check_fits", "estimate", "peak_live_bytes"]
 
@@ -67,13 +68,19 @@ class MemoryEstimate:
         )
 
 
-def peak_live_bytes(gm: fx.GraphModule, deferred: dict[fx.Node, fx.Node] | None = None) -> int:
+def peak_live_bytes(
+    gm: fx.GraphModule,
+    deferred: dict[fx.Node, fx.Node] | None = None,
+    reads: dict[fx.Node, list[fx.Node]] | None = None,
+) -> int:
     """Per-sample bytes at the peak of ``gm``'s live values, each freed after its last user
     (GraphRunner's policy). ``deferred`` maps nodes that run late to the node they run just
     before (an unsolved adapter and its seen-through steps wait for their solve point, so
-    their inputs stay alive until then). Nodes without shapes take their first input's
-    (inserted adapters keep their input's shape)."""
-    deferred = deferred or {}
+    their inputs stay alive until then); ``reads`` maps values to the nodes at whose run they
+    are read besides their users (a projected adapter's producer input, read at its solve).
+    Nodes without shapes take their first input's (inserted adapters keep their input's
+    shape)."""
+    deferred, reads = deferred or {}, reads or {}
     index = {n: i for i, n in enumerate(gm.graph.nodes)}
     order = sorted(index, key=lambda n: index[deferred[n]] - 0.5 if n in deferred else index[n])
     position = {n: i for i, n in enumerate(order)}
@@ -88,6 +95,8 @@ def peak_live_bytes(gm: fx.GraphModule, deferred: dict[fx.Node, fx.Node] | None 
     for n in order:
         for a in n.all_input_nodes:
             last_use[root[a]] = max(last_use[root[a]], position[n])
+    for value, readers in reads.items():
+        last_use[root[value]] = max(last_use[root[value]], *(position[r] for r in readers))
     # GraphRunner computes a + b into a when a's storage has no reader after it
     members: dict[fx.Node, list[fx.Node]] = {}
     for n in order:
@@ -123,23 +132,30 @@ def estimate(
 ) -> MemoryEstimate:
     """The memory a CalibrateAdapters run of ``student`` (adapters inserted) against
     ``teacher`` on ``num_samples`` samples (this rank's share) needs; see the module doc."""
-    from fxkd.passes.adapter import adapter_points
+    from fxkd.passes.adapter import PointwiseAdapter, adapter_points
 
     device = torch.device(config.device) if config.device else module_device(student)
     nodes = {n.name: n for n in student.graph.nodes}
     adapters = adapter_points(student)
-    deferred = {}
+    deferred, reads = {}, {}
     for node, module, point in adapters:
         if point is not None and point is not node:  # solved at a later point: waits for it
             deferred[node] = point
             deferred.update({nodes[s]: point for s in module.pair.site.steps if s in nodes})
+        source = producer_input(student, node, module)
+        if isinstance(module, PointwiseAdapter) and source is not None:
+            reads.setdefault(source, []).append(node)  # read at the solve (fxkd.projection)
     held: dict[str, int] = {}
-    for gm, late in ((teacher, None), (student, deferred), (reference, None)):
+    for gm, late, read in (
+        (teacher, None, None),
+        (student, deferred, reads),
+        (reference, None, None),
+    ):
         if gm is None:
             continue
         where = module_device(gm)
         key = "cpu" if config.offload and where.type != "cpu" else _key(where)
-        held[key] = held.get(key, 0) + peak_live_bytes(gm, late) * num_samples
+        held[key] = held.get(key, 0) + peak_live_bytes(gm, late, read) * num_samples
         # weights a view made for the run (BatchNorms folded into copies of their convs)
         made = getattr(gm, "fxkd_made_bytes", 0)
         if made:

@@ -40,6 +40,7 @@ from fxkd.memory import estimate as estimate_memory
 from fxkd.nodes import redo_steps, undo_steps
 from fxkd.patches import blocks, patch_blocks
 from fxkd.placement import full_precision, module_device, module_dtype
+from fxkd.projection import producer_input
 from fxkd.trace import eval_mode, trace
 
 from .adapter import KernelAdapter, PointwiseAdapter, adapter_points
@@ -80,6 +81,7 @@ class _Member:
     module: PointwiseAdapter | KernelAdapter
     producer: nn.Module
     batchnorm: nn.Module | None
+    source: fx.Node | None = None  # the producer's input, when a pointwise system is cheaper
     pointwise: bool = False
 
     def __post_init__(self) -> None:
@@ -95,6 +97,26 @@ class _Member:
         return self.producer.weight[0].numel()
 
     @property
+    def projected(self) -> bool:
+        """Solved pointwise from sums over the producer's input, mapped through the producer
+        (``fxkd.projection``)."""
+        return self.pointwise and self.source is not None
+
+    def accumulated_size(self) -> int:
+        """Features per group whose sums are accumulated: the producer's inputs when
+        projected, else ``feature_size``."""
+        return self.producer.weight[0].numel() if self.projected else self.feature_size()
+
+    def mapping(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(A, a) in fp64 with ``x = A h + a``: the site's value from the accumulated features
+        (the producer's input when projected, else the value itself: identity, zero)."""
+        if self.projected:
+            a_mat, a_vec = effective_affine(self.producer, self.batchnorm)
+            return a_mat.reshape(a_mat.shape[0], -1), a_vec
+        d = self.feature_size()
+        return torch.eye(d, dtype=torch.float64), torch.zeros(d, dtype=torch.float64)
+
+    @property
     def groups(self) -> int:
         return self.module.pair.site.groups
 
@@ -104,7 +126,9 @@ class _Member:
 
     def features(self, runner: GraphRunner, i: int, sl: slice = slice(None)) -> torch.Tensor:
         """(B, groups, D, L) features of samples ``sl`` of chunk i, feature-major (rows =
-        B·L)."""
+        B·L): the accumulated ones (``accumulated_size``)."""
+        if self.projected:
+            return patch_blocks(runner.chunk(self.source, i)[sl], self.producer)
         if not self.pointwise:
             return patch_blocks(runner.chunk(self.node.args[1], i)[sl], self.producer)
         return blocks(runner.chunk(self.node.args[0], i)[sl], self.module.dims, self.groups)
@@ -213,8 +237,13 @@ class CalibrateAdapters(FxkdPass):
             device=module_device(self.teacher),
             offload=offload,
         )
+        self._sources = _projected_sources(groups.values())
         student = GraphRunner(
-            gm, [c.to(module_dtype(gm)) for c in chunks], device=device, offload=offload
+            gm,
+            [c.to(module_dtype(gm)) for c in chunks],
+            pinned=self._sources,
+            device=device,
+            offload=offload,
         )
         dtype = torch.float64 if module_dtype(gm) == torch.float64 else torch.float32
         reference = None
@@ -313,6 +342,11 @@ class CalibrateAdapters(FxkdPass):
         for m in members:
             pending.discard(m.node)
             student.run_node(m.node)
+        for m in members:  # a projected member's input is read no more
+            if isinstance(m.module, PointwiseAdapter) and m.source is not None:
+                self._sources[m.source] -= 1
+                if not self._sources[m.source]:
+                    student.unpin(m.source)
         for step in steps:
             pending.discard(step)
             student.run_node(step)
@@ -352,8 +386,9 @@ class CalibrateAdapters(FxkdPass):
         dims = members[0].module.dims
         bias = any(m.bias for m in members)
         sizes = [m.feature_size() for m in members]
+        accumulated = sum(m.accumulated_size() for m in members)
         channels = members[0].module.pair.site.channels
-        eqs = NormalEquations(g, sum(sizes), channels // g, bias=bias, device=targets[0].device)
+        eqs = NormalEquations(g, accumulated, channels // g, bias=bias, device=targets[0].device)
         subsample = self.config.subsample < 1.0 and dims > 0
         # one conv solved by its kernel: patches built centred, in GEMM layout (update_patches)
         conv_patches = len(members) == 1 and not members[0].pointwise and dims > 0 and not subsample
@@ -386,6 +421,8 @@ class CalibrateAdapters(FxkdPass):
                     feats, y = feats.index_select(-1, keep), y.index_select(-1, keep)
                 eqs.update_blocks(feats, y)
         eqs.all_reduce()
+        if any(m.projected for m in members):
+            eqs.project(_mapping(members, bias).to(eqs.gram.device))
         if not _finite(eqs.gram):
             raise CalibrationError(
                 _non_finite(f"student features at {members[0].node.args[0].name}")
@@ -429,6 +466,34 @@ class CalibrateAdapters(FxkdPass):
         return eqs.rows, unknowns, conditioning, sums
 
 
+def _projected_sources(member_lists) -> dict[fx.Node, int]:
+    """The inputs that projected pointwise adapters read at their solve (so the student's
+    runner holds them until then), with how many adapters read each."""
+    sources: dict[fx.Node, int] = {}
+    for m in (m for ms in member_lists for m in ms):
+        if isinstance(m.module, PointwiseAdapter) and m.source is not None:
+            sources[m.source] = sources.get(m.source, 0) + 1
+    return sources
+
+
+def _mapping(members: list[_Member], bias: bool) -> torch.Tensor:
+    """(1, D[+1], D_acc[+1]) fp64: the members' features (concatenated) from the accumulated
+    ones, ``[x 1] = M [h 1]``: block-diagonal A's, the shifts a in the bias column."""
+    maps = [m.mapping() for m in members]
+    rows = sum(a.shape[0] for a, _ in maps) + int(bias)
+    cols = sum(a.shape[1] for a, _ in maps) + int(bias)
+    out = torch.zeros(rows, cols, dtype=torch.float64)
+    r = c = 0
+    for a_mat, a_vec in maps:
+        out[r : r + a_mat.shape[0], c : c + a_mat.shape[1]] = a_mat
+        if bias:
+            out[r : r + a_mat.shape[0], -1] = a_vec
+        r, c = r + a_mat.shape[0], c + a_mat.shape[1]
+    if bias:
+        out[-1, -1] = 1.0
+    return out[None]
+
+
 def _groups(gm: fx.GraphModule) -> dict[fx.Node, list[_Member]]:
     """Adapters grouped by the point where they are solved, in topological order."""
     groups: dict[fx.Node, list[_Member]] = {}
@@ -442,7 +507,8 @@ def _groups(gm: fx.GraphModule) -> dict[fx.Node, list[_Member]]:
             bn = gm.get_submodule(str(anchor.target))
             anchor = anchor.args[0]
         producer = gm.get_submodule(site.module)
-        groups.setdefault(point, []).append(_Member(node, module, producer, bn))
+        source = producer_input(gm, node, module)
+        groups.setdefault(point, []).append(_Member(node, module, producer, bn, source))
     order = {n: i for i, n in enumerate(gm.graph.nodes)}
     return dict(sorted(groups.items(), key=lambda kv: order[kv[0]]))
 
