@@ -27,6 +27,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 import torch.fx as fx
+import torch.nn.functional as F
 from torch import nn
 from torch.fx.passes.infra.pass_base import PassResult
 from tqdm.auto import tqdm
@@ -341,7 +342,7 @@ class CalibrateAdapters(FxkdPass):
         err_before, energy = _ratio(identity)
         for m in members:
             pending.discard(m.node)
-            student.run_node(m.node)
+            student.run_node(m.node, via=_through_producer(m, student))
         for m in members:  # a projected member's input is read no more
             if isinstance(m.module, PointwiseAdapter) and m.source is not None:
                 self._sources[m.source] -= 1
@@ -464,6 +465,32 @@ class CalibrateAdapters(FxkdPass):
             m.write(w[:, offset : offset + size], biases.get(id(m)))
             offset += size
         return eqs.rows, unknowns, conditioning, sums
+
+
+def _through_producer(member: _Member, student: GraphRunner):
+    """For a projected pointwise adapter, its value from the producer's input: ``Q x + c`` with
+    ``x = A h + a`` is ``(Q·A) h + (Q·a + c)``, the producer with the folded weights — C·C_in
+    multiply-adds per position instead of the adapter's C² (8× fewer at a resnet50 bottleneck
+    output), and the values the folded student computes. None for the other members."""
+    if not (member.projected and isinstance(member.module, PointwiseAdapter)):
+        return None
+    producer, adapter = member.producer, member.module
+    a_mat, a_vec = effective_affine(producer, member.batchnorm)
+    bias = adapter.bias.detach() if adapter.bias is not None else None
+    weight, shift = compose_pointwise(a_mat, a_vec, adapter.weight.detach(), bias, 1)
+    if isinstance(producer, nn.Linear):
+        apply = F.linear
+    else:
+        conv = (F.conv1d, F.conv2d, F.conv3d)[len(producer.kernel_size) - 1]
+
+        def apply(h, w, b):
+            return conv(h, w, b, producer.stride, 0, producer.dilation)
+
+    def value(i: int) -> torch.Tensor:
+        h = student.chunk(member.source, i)
+        return apply(h, weight.to(h), shift.to(h))
+
+    return value
 
 
 def _projected_sources(member_lists) -> dict[fx.Node, int]:

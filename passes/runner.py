@@ -94,8 +94,10 @@ class GraphRunner:
             self.run_node(node)
         return self.value(node)
 
-    def run_node(self, node: fx.Node) -> None:
-        """Execute one node on every chunk, then release inputs whose users have all run."""
+    def run_node(self, node: fx.Node, via=None) -> None:
+        """Execute one node on every chunk, then release inputs whose users have all run.
+        ``via(i)``, when given, computes chunk i's value another way (the caller vouches that
+        it is the node's; e.g. a projected adapter through its producer's input)."""
         if node.op == "placeholder":
             out = list(self.chunks)
         elif node.op == "get_attr":
@@ -112,6 +114,9 @@ class GraphRunner:
             in_place = self._in_place_add(node)
             out = []
             for i in range(len(self.chunks)):
+                if via is not None:
+                    out.append(self._store(via(i)))
+                    continue
                 args = map_arg(node.args, lambda a, i=i: get(self.env[a][i]))
                 kwargs = (
                     map_arg(node.kwargs, lambda a, i=i: get(self.env[a][i])) if node.kwargs else {}
