@@ -67,13 +67,19 @@ def displaced_products_fit(module: nn.Module, x: torch.Tensor) -> bool:
     """True when ``module``'s patch Gram on inputs shaped like ``x`` can be taken as displaced
     products: a 2-D conv with more than one tap, stride 1, zero padding no wider than the
     kernel's span."""
+    return _fitting_geometry(module, x) is not None
+
+
+def _fitting_geometry(module: nn.Module, x: torch.Tensor) -> Geometry | None:
+    """The conv's geometry on inputs shaped like ``x`` when the displaced products fit it."""
     if not isinstance(module, nn.Conv2d) or x.dim() != 4:
-        return False
+        return None
     if tuple(module.stride) != (1, 1) or module.padding_mode != "zeros":
-        return False
+        return None
     if math.prod(module.kernel_size) == 1:
-        return False
-    return Geometry(module, (x.shape[2], x.shape[3])).valid
+        return None
+    geometry = Geometry(module, (x.shape[2], x.shape[3]))
+    return geometry if geometry.valid else None
 
 
 def displaced_products_pay(module: nn.Module, x: torch.Tensor) -> bool:
@@ -81,12 +87,13 @@ def displaced_products_pay(module: nn.Module, x: torch.Tensor) -> bool:
     at least ``MIN_CHANNELS``
     input channels and ``MIN_VALUES`` input values per group and sample, and FLOPs at most
     ``MAX_COST_SHARE`` of the direct product's."""
-    if x.device.type not in DEVICES or not displaced_products_fit(module, x):
+    geometry = _fitting_geometry(module, x) if x.device.type in DEVICES else None
+    if geometry is None:
         return False
     channels = x.shape[1] // module.groups
     if channels < MIN_CHANNELS or channels * x.shape[2] * x.shape[3] < MIN_VALUES:
         return False
-    return Geometry(module, (x.shape[2], x.shape[3])).cost_share() <= MAX_COST_SHARE
+    return geometry.cost_share() <= MAX_COST_SHARE
 
 
 Displacement = tuple[int, int]

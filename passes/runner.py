@@ -108,15 +108,14 @@ class GraphRunner:
                 map_arg(node.args[0], lambda a, i=i: self.env[a][i])
                 for i in range(len(self.chunks))
             ]
+        elif via is not None:
+            out = [self._store(via(i)) for i in range(len(self.chunks))]
         else:
             fn = self._callable(node)
             get = self._fetch if self.offload else _same
             in_place = self._in_place_add(node)
             out = []
             for i in range(len(self.chunks)):
-                if via is not None:
-                    out.append(self._store(via(i)))
-                    continue
                 args = map_arg(node.args, lambda a, i=i: get(self.env[a][i]))
                 kwargs = (
                     map_arg(node.kwargs, lambda a, i=i: get(self.env[a][i])) if node.kwargs else {}

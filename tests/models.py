@@ -263,3 +263,18 @@ def _slice_bn(bn: nn.BatchNorm2d, kept: torch.Tensor) -> nn.BatchNorm2d:
     new.running_mean = bn.running_mean[kept].clone()
     new.running_var = bn.running_var[kept].clone()
     return new.eval()
+
+
+def calibrated_resnet_fp64(mode: str, samples: int, seed: int = 4):
+    """The residual pair (blocks' conv1 pruned by half) compressed in fp64 on ``samples``
+    random inputs: (folded student's state dict, each calibrated point's error after)."""
+    import fxkd
+
+    teacher, shape = make("resnet")
+    student, maps = prune_internal_resnet(teacher)
+    x = torch.randn(samples, *shape, generator=torch.Generator().manual_seed(seed)).double()
+    result = fxkd.compress(
+        teacher.double(), student.double(), x, channel_maps=maps, mode=mode,
+        num_samples=samples, progress=False,
+    )  # fmt: skip
+    return result.model.state_dict(), [r.err_after for r in result.report.calibrated]

@@ -95,18 +95,25 @@ def test_displaced_products_sum_the_patch_normal_equations(conv, bias, always_di
     torch.testing.assert_close(products.cross, blocks.cross, rtol=1e-12, atol=1e-9)
 
 
+def _reference(samples: int, seed: int):
+    """A 3×3 conv, shifted inputs and targets, and their normal equations by F.unfold's
+    patches ("whole"), next to empty ones ("parts") for the route under test."""
+    module = nn.Conv2d(6, 4, 3, padding=1).double()
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(samples, 6, 7, 9, generator=gen, dtype=torch.float64) + 1.0
+    y = torch.randn(samples, 1, 4, 63, generator=gen, dtype=torch.float64)
+    whole, parts = (NormalEquations(1, 54, 4, bias=True) for _ in range(2))
+    whole.update_blocks(patch_blocks(x, module), y)
+    return module, x, y, whole, parts
+
+
 def test_full_frames_are_multiplied_out_and_reading_midway_loses_nothing(
     always_displaced, monkeypatch
 ):
     """Frames of two samples' room: updates of 1, 3 (larger than the frames: they grow) and 2
     samples, the sums read between updates: every sample counted once."""
     monkeypatch.setattr(displaced, "FRAME_ELEMENTS", 2 * 6 * 9 * 11)
-    module = nn.Conv2d(6, 4, 3, padding=1).double()
-    gen = torch.Generator().manual_seed(2)
-    x = torch.randn(6, 6, 7, 9, generator=gen, dtype=torch.float64) + 1.0
-    y = torch.randn(6, 1, 4, 63, generator=gen, dtype=torch.float64)
-    whole, parts = (NormalEquations(1, 54, 4, bias=True) for _ in range(2))
-    whole.update_blocks(patch_blocks(x, module), y)
+    module, x, y, whole, parts = _reference(6, seed=2)
     for lo, hi in ((0, 1), (1, 4), (4, 6)):
         parts.update_patches(x[lo:hi], module, y[lo:hi])
         _ = parts.gram, parts.cross
@@ -114,44 +121,10 @@ def test_full_frames_are_multiplied_out_and_reading_midway_loses_nothing(
     torch.testing.assert_close(parts.cross, whole.cross, rtol=1e-12, atol=1e-9)
 
 
-def test_fp32_displaced_products_keep_the_spread_not_the_mean(always_displaced):
-    """fp32 inputs with a mean 300 times their spread: the centred second moments are as
-    accurate as the direct patch product's."""
-    module = nn.Conv2d(8, 8, 3, padding=1)
-    gen = torch.Generator().manual_seed(2)
-    x = torch.randn(16, 8, 12, 12, generator=gen) + 300.0
-    y = torch.randn(16, 1, 8, 144, generator=gen) + 50.0
-    exact = NormalEquations(1, 72, 8, bias=True)
-    exact.update_blocks(patch_blocks(x.double(), module), y.double())
-
-    def centred(eqs):
-        n = eqs.rows
-        mean = eqs.gram[:, 72:, :72] / n
-        return eqs.gram[:, :72, :72] / n - mean.transpose(-1, -2) @ mean
-
-    errors = {}
-    for name in ("direct", "displaced"):
-        eqs = NormalEquations(1, 72, 8, bias=True)
-        for xs, ys in zip(x.split(4), y.split(4), strict=True):
-            if name == "direct":
-                eqs.update_blocks(patch_blocks(xs, module), ys)
-            else:
-                eqs.update_patches(xs, module, ys)
-        errors[name] = float((centred(eqs) - centred(exact)).norm() / centred(exact).norm())
-    assert eqs._displaced is not None
-    assert errors["displaced"] < 1e-5, errors
-    assert errors["displaced"] < 3 * errors["direct"] + 1e-7, errors
-
-
 def test_reduced_sums_are_kept_and_later_products_add_to_them(always_displaced):
     """all_reduce under a (one-rank) process group hands the assembled sums to the base and
     forgets the products: reading them after, and adding more, counts every sample once."""
-    module = nn.Conv2d(6, 4, 3, padding=1).double()
-    gen = torch.Generator().manual_seed(3)
-    x = torch.randn(5, 6, 7, 9, generator=gen, dtype=torch.float64) + 1.0
-    y = torch.randn(5, 1, 4, 63, generator=gen, dtype=torch.float64)
-    whole, parts = (NormalEquations(1, 54, 4, bias=True) for _ in range(2))
-    whole.update_blocks(patch_blocks(x, module), y)
+    module, x, y, whole, parts = _reference(5, seed=3)
     with tempfile.TemporaryDirectory() as tmp:
         dist.init_process_group(
             "gloo", init_method=f"file://{os.path.join(tmp, 'init')}", rank=0, world_size=1
@@ -171,14 +144,8 @@ def test_reduced_sums_are_kept_and_later_products_add_to_them(always_displaced):
 def test_kernel_mode_calibration_folds_the_same_student_either_way(monkeypatch):
     """A residual pair in kernel mode, fp64: the student folded with displaced products at
     every stride-1 conv equals the one folded with im2col's (same solves, same reports)."""
-    import fxkd
+    from models import calibrated_resnet_fp64
 
-    from models import make, prune_internal_resnet
-
-    teacher, shape = make("resnet")
-    student, maps = prune_internal_resnet(teacher)
-    teacher, student = teacher.double(), student.double()
-    samples = torch.randn(24, *shape, generator=torch.Generator().manual_seed(4)).double()
     runs = {}
     for name, rule in (("direct", lambda m, x: False), ("displaced", displaced_products_fit)):
         taken = []
@@ -188,11 +155,7 @@ def test_kernel_mode_calibration_folds_the_same_student_either_way(monkeypatch):
             return taken[-1]
 
         monkeypatch.setattr(lstsq, "displaced_products_pay", recorded)
-        result = fxkd.compress(
-            teacher, student, samples, channel_maps=maps, mode="kernel", num_samples=24,
-            progress=False,
-        )  # fmt: skip
-        runs[name] = (result.model.state_dict(), [r.err_after for r in result.report.calibrated])
+        runs[name] = calibrated_resnet_fp64("kernel", samples=24)
         assert any(taken) == (name == "displaced")
     (direct, e_direct), (products, e_products) = runs["direct"], runs["displaced"]
     for key, value in direct.items():

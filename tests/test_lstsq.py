@@ -205,10 +205,17 @@ def test_reading_the_sums_midway_does_not_change_them():
     assert midway.rows == whole.rows == 90
 
 
-def test_fp32_patches_keep_the_spread_not_the_mean():
+@pytest.mark.parametrize("route", ["im2col", "displaced"])
+def test_fp32_patches_keep_the_spread_not_the_mean(route, monkeypatch):
     """fp32 features with a mean 300 times their spread: the centred second moments from
-    update_patches are as accurate as update_blocks' (rounding scales with the spread)."""
+    update_patches are as accurate as update_blocks' (rounding scales with the spread), by
+    either of its routes (im2col patches, or displaced products of the input)."""
+    from fxkd import lstsq
+    from fxkd.displaced import displaced_products_fit
     from fxkd.patches import patch_blocks
+
+    rule = displaced_products_fit if route == "displaced" else (lambda m, x: False)
+    monkeypatch.setattr(lstsq, "displaced_products_pay", rule)
 
     module = torch.nn.Conv2d(8, 8, 3, padding=1)
     gen = torch.Generator().manual_seed(2)
@@ -231,6 +238,7 @@ def test_fp32_patches_keep_the_spread_not_the_mean():
             else:
                 eqs.update_patches(xs, module, ys)
         errors[name] = float((centred(eqs) - centred(exact)).norm() / centred(exact).norm())
+    assert (eqs._displaced is not None) == (route == "displaced")  # the route under test
     assert errors["patches"] < 1e-5, errors
     assert errors["patches"] < 3 * errors["blocks"] + 1e-7, errors
 

@@ -5,14 +5,13 @@ import pytest
 import torch
 from torch import nn
 
-import fxkd
 from fxkd import projection
 from fxkd.align import align
 from fxkd.lstsq import NormalEquations
 from fxkd.passes import InsertAdapters, calibrate
 from fxkd.trace import trace
 
-from models import make, prune_internal_resnet
+from models import calibrated_resnet_fp64
 
 
 @pytest.mark.parametrize("bias", [True, False])
@@ -86,10 +85,6 @@ def test_pointwise_calibration_folds_the_same_student_either_way(monkeypatch):
     of a widening producer span only its inputs' dimensions, so the ridge decides some
     directions and amplifies the two sums' fp64 rounding (single weights up to 3e-9 apart,
     2e-5 relative, measured): each tensor agrees to 1e-6 norm-wise."""
-    teacher, shape = make("resnet")
-    student, maps = prune_internal_resnet(teacher)
-    teacher, student = teacher.double(), student.double()
-    samples = torch.randn(32, *shape, generator=torch.Generator().manual_seed(4)).double()
     runs, original = {}, NormalEquations.project
     for name in ("projected", "direct"):
         if name == "direct":
@@ -101,11 +96,7 @@ def test_pointwise_calibration_folds_the_same_student_either_way(monkeypatch):
             return original(self, m)
 
         monkeypatch.setattr(NormalEquations, "project", recorded)
-        result = fxkd.compress(
-            teacher, student, samples, channel_maps=maps, mode="pointwise", num_samples=32,
-            progress=False,
-        )  # fmt: skip
-        runs[name] = (result.model.state_dict(), [r.err_after for r in result.report.calibrated])
+        runs[name] = calibrated_resnet_fp64("pointwise", samples=32)
         assert bool(seen) == (name == "projected")
     (projected, e_projected), (direct, e_direct) = runs["projected"], runs["direct"]
     for key, value in direct.items():
