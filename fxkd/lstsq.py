@@ -29,12 +29,14 @@ from __future__ import annotations
 import itertools
 import logging
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
 
 from fxkd.displaced import DisplacedProducts, displaced_products_pay
+from fxkd.narrow import BlockAffine, correlation_spectra, narrow_solve
 from fxkd.patches import centred_patch_rows, patch_mask, summed_patches
 
 __all__ = ["Conditioning", "NormalEquations", "all_reduce_sum"]
@@ -153,7 +155,7 @@ class NormalEquations:
         self._producer = None  # update_patches' conv: its patches of the summed inputs give S
         self._displaced: DisplacedProducts | None = None  # update_patches' stride-1 products
         self._final: tuple[torch.Tensor, torch.Tensor] | None = None
-        self._projected = False
+        self._narrow: tuple[BlockAffine, torch.Tensor, torch.Tensor] | None = None  # M, G_h, B_h
         self.rows = 0
 
     def update(self, x: torch.Tensor, y: torch.Tensor) -> None:
@@ -213,7 +215,7 @@ class NormalEquations:
             self._displaced.flush()
 
     def _check_open(self) -> None:
-        if self._projected:
+        if self._narrow is not None:
             raise RuntimeError("NormalEquations.project was called: no more updates")
 
     def _set_shift(self, mu: torch.Tensor, y: torch.Tensor, dtype) -> None:
@@ -287,6 +289,11 @@ class NormalEquations:
         """(gram, cross): the flushed sums plus the shift terms, in fp64, written in place into
         one new pair of matrices (or a copy of the sums reduced over ranks)."""
         if self._final is not None:
+            return self._final
+        if self._narrow is not None:  # the projected sums, formed only when asked for
+            affine, gram, cross = self._narrow
+            m = affine.mapping
+            self._final = (m @ gram @ m.transpose(-1, -2), m @ cross)
             return self._final
         self._flush()
         d, p = self.features, self.partitions
@@ -369,6 +376,7 @@ class NormalEquations:
         """Sum the statistics (and the row count) over ranks when torch.distributed is
         initialised (else nothing to do). Each rank's shift terms are applied first (ranks
         shift differently); the reduced sums become the base that later updates add to."""
+        self._check_open()
         if not (dist.is_available() and dist.is_initialized()):
             return
         gram, cross = self._finalize()
@@ -382,23 +390,28 @@ class NormalEquations:
         self._pending_rows = 0
         self._final = self._base
 
-    def project(self, mapping: torch.Tensor) -> None:
+    def project(self, mapping: torch.Tensor, blocks: Sequence[tuple[int, int]] = ()) -> None:
         """Turn the sums over features ``h`` into those over ``x = A h + a``: ``mapping`` (P,
         D'[+1], D[+1]) takes ``[h 1]`` to ``[x 1]`` (``[[A, a], [0, 1]]`` with a bias, else A),
-        so gram ← M G Mᵀ and cross ← M B, in fp64, once (``fxkd.projection``). Call it after
-        the last update (and ``all_reduce``); the system then has D' features."""
+        so gram = M G Mᵀ and cross = M B (``fxkd.projection``). Call it after the last update
+        (and ``all_reduce``); the system then has D' features. The mapped sums are formed only
+        when ``gram`` / ``cross`` are read: ``conditioning`` and ``solve`` work at the narrow
+        side (``fxkd.narrow``: D×D instead of D'×D'), taking A's diagonal ``blocks`` (rows,
+        columns: the members of a joint system) one at a time."""
+        self._check_open()
         gram, cross = self._finalize()
-        m = mapping.to(gram)
-        self._final = self._base = (m @ gram @ m.transpose(-1, -2), m @ cross)
-        self.features = m.shape[-2] - int(self.bias)
+        self._narrow = (BlockAffine(mapping.to(gram), self.bias, blocks), gram, cross)
+        self.features = mapping.shape[-2] - int(self.bias)
+        self._final = self._base = None
         self._xx = self._xy = self._acc = self._displaced = self._shift = None
         self._stats, self._pending_rows, self._acc_rows, self._mask = {}, 0, 0, None
-        self._projected = True
 
     def conditioning(self) -> Conditioning:
         """Dead and dependent features and a condition bound of the accumulated features. With
         fewer (centred) rows than live features a system is singular without a factorization:
         the features past the row count are counted dependent (a lower bound)."""
+        if self._narrow is not None:
+            return self._narrow_conditioning()
         d, n = self.features, max(self.rows, 1)
         gram = self.gram
         second = torch.diagonal(gram[:, :d, :d], dim1=-2, dim2=-1) / n
@@ -430,8 +443,33 @@ class NormalEquations:
             condition = max(condition, 1.0 / smallest if smallest > 0 else float("inf"))
         return Conditioning(var.shape[0] * d, dead, dependent, condition)
 
+    def _narrow_conditioning(self) -> Conditioning:
+        """``conditioning`` of projected sums from the D×D spectra (``fxkd.narrow``): the live
+        features' correlation has those eigenvalues and L − D zeros; dependent: its eigenvalues
+        below ``DEPENDENT_PIVOT``, condition: its largest over its smallest (the exact
+        condition number, so again a lower bound)."""
+        affine, gram, _ = self._narrow
+        var, spectra = correlation_spectra(gram, affine)
+        scale = var.amax(dim=-1, keepdim=True)
+        dead = int((var <= scale * torch.finfo(torch.float64).eps).sum())
+        dependent, condition = 0, 1.0
+        for live, eig in spectra:
+            if live > eig.shape[0]:
+                eig = torch.cat([eig.new_zeros(live - eig.shape[0]), eig])
+            eig = eig[-live:]  # ascending: the live correlation's whole spectrum
+            dependent += int((eig < DEPENDENT_PIVOT).sum())
+            smallest = float(eig[0])
+            condition = max(condition, float(eig[-1]) / smallest if smallest > 0 else math.inf)
+        return Conditioning(var.numel(), dead, dependent, condition)
+
     def solve(self, ridge: float, prior: torch.Tensor | None = None) -> torch.Tensor:
         """The (P, D[+1], K) solution; ``prior`` (same shape) is what the ridge shrinks towards."""
+        if self._narrow is not None:  # projected: solved at the narrow side when it can be
+            affine, gram, cross = self._narrow
+            w, ok = narrow_solve(gram, cross, affine, ridge, prior)
+            if ok:
+                return w
+            log.debug("narrow-side solve failed: solving the mapped system")
         g, b = self.gram, self.cross
         d = self.features
         diag = torch.diagonal(g[:, :d, :d], dim1=-2, dim2=-1)

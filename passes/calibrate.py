@@ -429,9 +429,9 @@ class CalibrateAdapters(FxkdPass):
                     feats, y = feats.index_select(-1, keep), y.index_select(-1, keep)
                 eqs.update_blocks(feats, y)
         eqs.all_reduce()
-        if any(m.projected for m in members):
-            eqs.project(_mapping(members, bias).to(eqs.gram.device))
-        if not _finite(eqs.gram):
+        projected = any(m.projected for m in members)
+        mapping, tiles = _mapping(members, bias) if projected else (None, [])
+        if not (_finite(eqs.gram) and (mapping is None or _finite(mapping))):
             raise CalibrationError(
                 _non_finite(f"student features at {members[0].node.args[0].name}")
             )
@@ -439,7 +439,9 @@ class CalibrateAdapters(FxkdPass):
             raise CalibrationError(
                 _non_finite(f"teacher node {members[0].module.pair.teacher_point} or a residual")
             )
-        unknowns = eqs.gram.shape[-1]
+        if mapping is not None:  # solved at the narrow side (fxkd.narrow)
+            eqs.project(mapping.to(eqs.device), tiles)
+        unknowns = eqs.features + int(eqs.bias)
         conditioning = eqs.conditioning()
         if conditioning.ill:
             log.info("%s: ill-conditioned features: %s", members[0].node.name, conditioning)
@@ -451,7 +453,7 @@ class CalibrateAdapters(FxkdPass):
                 eqs.rows,
                 unknowns,
             )
-        priors = [m.prior().to(eqs.gram.device) for m in members]
+        priors = [m.prior().to(eqs.device) for m in members]
         prior = torch.cat([p[:, :s] for p, s in zip(priors, sizes, strict=True)], dim=1)
         if bias:
             bias_row = next((p[:, -1:] for p, m in zip(priors, members, strict=True) if m.bias))
@@ -510,9 +512,10 @@ def _projected_sources(member_lists) -> dict[fx.Node, int]:
     return sources
 
 
-def _mapping(members: list[_Member], bias: bool) -> torch.Tensor:
+def _mapping(members: list[_Member], bias: bool) -> tuple[torch.Tensor, list[tuple[int, int]]]:
     """(1, D[+1], D_acc[+1]) fp64: the members' features (concatenated) from the accumulated
-    ones, ``[x 1] = M [h 1]``: block-diagonal A's, the shifts a in the bias column."""
+    ones, ``[x 1] = M [h 1]``: block-diagonal A's, the shifts a in the bias column; with the
+    blocks' sizes (rows, columns)."""
     maps = [m.mapping() for m in members]
     rows = sum(a.shape[0] for a, _ in maps) + int(bias)
     cols = sum(a.shape[1] for a, _ in maps) + int(bias)
@@ -525,7 +528,7 @@ def _mapping(members: list[_Member], bias: bool) -> torch.Tensor:
         r, c = r + a_mat.shape[0], c + a_mat.shape[1]
     if bias:
         out[-1, -1] = 1.0
-    return out[None]
+    return out[None], [tuple(a.shape) for a, _ in maps]
 
 
 def _groups(gm: fx.GraphModule) -> dict[fx.Node, list[_Member]]:

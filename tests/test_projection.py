@@ -41,6 +41,114 @@ def test_projected_sums_are_the_outputs(bias):
         on_h.update(h, y)
 
 
+def _widened(bias, d_in=5, d_out=12, rows=200, systems=1, seed=0):
+    """Features x = A h + a (P systems) with targets, fp64: what a projected site sees."""
+    gen = torch.Generator().manual_seed(seed)
+    a_mat = torch.randn(systems, d_out, d_in, generator=gen, dtype=torch.float64)
+    a_vec = torch.randn(systems, d_out, generator=gen, dtype=torch.float64)
+    if not bias:
+        a_vec.zero_()
+    h = torch.randn(systems, rows, d_in, generator=gen, dtype=torch.float64).abs() + 0.5
+    y = torch.randn(systems, rows, 4, generator=gen, dtype=torch.float64)
+    return a_mat, a_vec, h, y
+
+
+def _both_sides(a_mat, a_vec, h, y, bias, tiles=()):
+    """(normal equations on x, on h projected by [[A, a], [0, 1]], A's diagonal ``tiles``)."""
+    p, d_out, d_in = a_mat.shape
+    on_x = NormalEquations(p, d_out, y.shape[-1], bias=bias)
+    on_x.update(h @ a_mat.transpose(-1, -2) + a_vec[:, None, :], y)
+    on_h = NormalEquations(p, d_in, y.shape[-1], bias=bias)
+    on_h.update(h, y)
+    mapping = a_mat.clone()
+    if bias:
+        mapping = torch.zeros(p, d_out + 1, d_in + 1, dtype=torch.float64)
+        mapping[:, :d_out, :d_in], mapping[:, :d_out, d_in], mapping[:, d_out, d_in] = (
+            a_mat, a_vec, 1.0
+        )  # fmt: skip
+    on_h.project(mapping, tiles)
+    return on_x, on_h
+
+
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("ridge", [1e-6, 1e-2])
+def test_narrow_side_solve_is_the_wide_solve(bias, ridge):
+    """The D×D push-through solve (fxkd.narrow) gives the D'×D' system's solution, with a
+    prior, several systems; the mapped sums are never formed for it."""
+    a_mat, a_vec, h, y = _widened(bias, systems=2)
+    on_x, on_h = _both_sides(a_mat, a_vec, h, y, bias)
+    gen = torch.Generator().manual_seed(1)
+    prior = torch.randn(2, 12 + int(bias), 4, generator=gen, dtype=torch.float64)
+    w_narrow = on_h.solve(ridge, prior)
+    assert on_h._final is None  # solved without forming M G Mᵀ
+    w_wide = on_x.solve(ridge, prior)
+    torch.testing.assert_close(w_narrow, w_wide, rtol=1e-8, atol=1e-9)
+    x = h @ a_mat.transpose(-1, -2) + a_vec[:, None, :]  # and it is the ridge minimiser:
+    fit = x @ w_narrow[:, :12] + (w_narrow[:, 12:] if bias else 0)  # gradient zero
+    lam = ridge * (x * x).sum(dim=1).mean(dim=-1)
+    grad = x.transpose(-1, -2) @ (fit - y) + lam[:, None, None] * (w_narrow[:, :12] - prior[:, :12])
+    assert float(grad.abs().max()) < 1e-8 * float((x.transpose(-1, -2) @ y).abs().max())
+
+
+@pytest.mark.parametrize("bias", [True, False])
+def test_narrow_side_diagnosis_is_the_wide_one(bias):
+    """Dead outputs (zero rows of A), a duplicated input channel and the D' − D directions x
+    cannot span: the counts equal the wide system's, the condition is singular either way;
+    a square, invertible A gives the correlation's exact condition number."""
+    a_mat, a_vec, h, y = _widened(bias)
+    a_mat[:, 3] = 0.0  # two dead outputs (constant: collinear with the bias)
+    a_mat[:, 8] = 0.0
+    h[..., 4] = h[..., 1]  # a duplicated input: rank 4 of 5
+    on_x, on_h = _both_sides(a_mat, a_vec, h, y, bias)
+    narrow, wide = on_h.conditioning(), on_x.conditioning()
+    assert (narrow.features, narrow.dead, narrow.dependent) == (12, 2, 6)
+    assert (wide.features, wide.dead, wide.dependent) == (12, 2, 6)
+    assert narrow.ill and wide.ill and narrow.condition == float("inf")
+    a_mat, a_vec, h, y = _widened(bias, d_in=6, d_out=6)
+    on_x, on_h = _both_sides(a_mat, a_vec, h, y, bias)
+    x = h[0] @ a_mat[0].T + a_vec[0]
+    xc = x - x.mean(dim=0) if bias else x
+    corr = xc.T @ xc
+    corr = corr / torch.outer(corr.diagonal().sqrt(), corr.diagonal().sqrt())
+    eig = torch.linalg.eigvalsh(corr)
+    narrow, wide = on_h.conditioning(), on_x.conditioning()
+    assert narrow.dependent == wide.dependent == 0
+    assert narrow.condition == pytest.approx(float(eig[-1] / eig[0]), rel=1e-6)
+    assert wide.condition <= narrow.condition * (1 + 1e-9)  # the pivot bound is below it
+
+
+@pytest.mark.parametrize("bias", [True, False])
+def test_joint_systems_are_solved_block_by_block(bias):
+    """Two members at an add (A block diagonal, 5 → 12 and 3 → 8 features, correlated
+    inputs): the block-wise products solve and diagnose the wide system; wrong tiles are
+    refused."""
+    a_mat, a_vec, h, y = _widened(bias, d_in=8, d_out=20)
+    a_mat[:, :12, 5:] = 0.0
+    a_mat[:, 12:, :5] = 0.0
+    h[..., 6] = 0.5 * h[..., 1] + h[..., 2]  # the second member's input reads the first's
+    on_x, on_h = _both_sides(a_mat, a_vec, h, y, bias, tiles=[(12, 5), (8, 3)])
+    prior = torch.eye(20 + int(bias), 4, dtype=torch.float64)[None]
+    torch.testing.assert_close(
+        on_h.solve(1e-4, prior), on_x.solve(1e-4, prior), rtol=1e-8, atol=1e-9
+    )
+    narrow, wide = on_h.conditioning(), on_x.conditioning()
+    assert (narrow.dead, narrow.dependent) == (wide.dead, wide.dependent) == (0, 13)
+    with pytest.raises(ValueError, match="tile"):
+        _both_sides(a_mat, a_vec, h, y, bias, tiles=[(12, 5), (8, 4)])
+
+
+def test_narrow_side_solve_with_fewer_rows_than_inputs():
+    """Underdetermined (8 rows, 10 inputs, 30 outputs): the ridge decides most directions;
+    still the wide system's solution."""
+    a_mat, a_vec, h, y = _widened(True, d_in=10, d_out=30, rows=8)
+    on_x, on_h = _both_sides(a_mat, a_vec, h, y, True)
+    prior = torch.eye(31, 4, dtype=torch.float64)[None]
+    torch.testing.assert_close(
+        on_h.solve(1e-3, prior), on_x.solve(1e-3, prior), rtol=1e-7, atol=1e-8
+    )
+    assert on_h.conditioning().rank == on_x.conditioning().rank == 7
+
+
 class _Widening(nn.Module):
     def __init__(self, producer: nn.Module, bn: bool = True) -> None:
         super().__init__()
@@ -91,9 +199,9 @@ def test_pointwise_calibration_folds_the_same_student_either_way(monkeypatch):
             monkeypatch.setattr(calibrate, "producer_input", lambda *a: None)
         seen = []
 
-        def recorded(self, m, seen=seen):
-            seen.append(m)
-            return original(self, m)
+        def recorded(self, *args, seen=seen):
+            seen.append(args)
+            return original(self, *args)
 
         monkeypatch.setattr(NormalEquations, "project", recorded)
         runs[name] = calibrated_resnet_fp64("pointwise", samples=32)
