@@ -1,3 +1,5 @@
+import numpy as np
+import pytest
 import torch
 
 from fxkd.onnx import export_onnx, initializer_elements, validate_onnx
@@ -33,6 +35,18 @@ def test_tolerances_are_configurable(tmp_path):
     x = torch.randn(3, *shape)
     assert not validate_onnx(path, model, x, atol=1e-5, rtol=0).passed
     assert validate_onnx(path, model, x, atol=1e-2, rtol=0).passed
+
+
+def test_the_absolute_tolerance_scales_with_the_output():
+    """atol bounds a near-zero element relative to its output's scale when that exceeds 1
+    (fp32 rounding grows with the values), and stays absolute below 1."""
+    from fxkd.onnx import tolerance_excess
+
+    diff = np.array([0.0, 5e-3])
+    assert tolerance_excess(diff, np.array([100.0, 0.0]), 1e-4, 1e-3).max() <= 1.0
+    assert tolerance_excess(diff, np.array([10.0, 0.0]), 1e-4, 1e-3).max() > 1.0
+    assert tolerance_excess(diff, np.array([0.5, 0.0]), 1e-4, 1e-3)[1] == pytest.approx(50.0)
+    assert tolerance_excess(np.array([0.02]), np.array([10.0]), 0.0, 1e-3)[0] == pytest.approx(2.0)
 
 
 def test_each_provider_runs_with_and_without_graph_optimisations(tmp_path):
