@@ -8,9 +8,9 @@ inside one process.
 On a noisy shared machine separate processes (even alternated) misled us; alternating the two
 variants inside one process, and which one goes first in each round, held up. Both variants run
 the same teacher, student and samples; the per-point errors after the solve are compared, so a
-speed-up that changes the results shows. Only ``passes/calibrate.py``, ``fxkd/lstsq.py``,
-``fxkd/patches.py`` and ``fxkd/displaced.py`` are taken from the revision (the rest is the
-working tree's): use it for changes confined to them.
+speed-up that changes the results shows. Only ``passes/calibrate.py`` and the modules of the
+normal equations (``REVISED``: lstsq, patches, displaced, narrow, projection) are taken from
+the revision (the rest is the working tree's): use it for changes confined to them.
 """
 
 from __future__ import annotations
@@ -53,8 +53,16 @@ def _module_at(rev: str, path: str, name: str, package: str) -> dict | None:
     return module.__dict__
 
 
-REVISED = ("fxkd/patches.py", "fxkd/displaced.py", "fxkd/lstsq.py", "passes/calibrate.py")
-"""The files taken from the revision, in import order: each sees the revision's earlier ones."""
+REVISED = (
+    "fxkd/patches.py",
+    "fxkd/displaced.py",
+    "fxkd/narrow.py",
+    "fxkd/lstsq.py",
+    "fxkd/projection.py",
+    "passes/calibrate.py",
+)
+"""The files taken from the revision, in import order: each sees the revision's earlier ones
+(one the revision lacks is the working tree's)."""
 
 
 def _revision(rev: str) -> dict:

@@ -137,6 +137,26 @@ def test_joint_systems_are_solved_block_by_block(bias):
         _both_sides(a_mat, a_vec, h, y, bias, tiles=[(12, 5), (8, 4)])
 
 
+@pytest.mark.cuda
+def test_narrow_side_on_the_gpu_is_the_cpus_wide_solve():
+    """The D×D solve and diagnosis on a CUDA device (fp64, a joint system): the CPU's wide
+    solution and counts."""
+    if not torch.cuda.is_available():
+        pytest.skip("needs CUDA")
+    a_mat, a_vec, h, y = _widened(True, d_in=8, d_out=20)
+    a_mat[:, :12, 5:], a_mat[:, 12:, :5] = 0.0, 0.0
+    on_x, _ = _both_sides(a_mat, a_vec, h, y, True)
+    mapping = torch.zeros(1, 21, 9, dtype=torch.float64)
+    mapping[:, :20, :8], mapping[:, :20, 8], mapping[:, 20, 8] = a_mat, a_vec, 1.0
+    on_gpu = NormalEquations(1, 8, 4, bias=True, device="cuda")
+    on_gpu.update(h.cuda(), y.cuda())
+    on_gpu.project(mapping.cuda(), [(12, 5), (8, 3)])
+    prior = torch.eye(21, 4, dtype=torch.float64)[None]
+    w = on_gpu.solve(1e-4, prior.cuda())
+    torch.testing.assert_close(w.cpu(), on_x.solve(1e-4, prior), rtol=1e-8, atol=1e-9)
+    assert on_gpu.conditioning().dependent == on_x.conditioning().dependent == 12
+
+
 def test_narrow_side_solve_with_fewer_rows_than_inputs():
     """Underdetermined (8 rows, 10 inputs, 30 outputs): the ridge decides most directions;
     still the wide system's solution."""
