@@ -117,6 +117,34 @@ def test_narrow_side_diagnosis_is_the_wide_one(bias):
     assert wide.condition <= narrow.condition * (1 + 1e-9)  # the pivot bound is below it
 
 
+@pytest.mark.parametrize("shape", [(8, 6), (5, 12)])
+def test_both_spectrum_routes_give_the_wide_diagnosis(shape, monkeypatch):
+    """The spectrum through K's Cholesky factor and through Σ's eigendecomposition (taken
+    when K is singular: 6 outputs from 8 inputs; forced here for 5 → 12) is the live
+    correlation's (its nonzero eigenvalues) and counts the wide system's dependent features,
+    with a duplicated input."""
+    from fxkd import narrow
+
+    d_in, d_out = shape
+    a_mat, a_vec, h, y = _widened(True, d_in=d_in, d_out=d_out)
+    h[..., 4] = h[..., 1]
+    on_x, on_h = _both_sides(a_mat, a_vec, h, y, True)
+    x = h[0] @ a_mat[0].T + a_vec[0]
+    xc = x - x.mean(dim=0)
+    corr = xc.T @ xc
+    corr = corr / torch.outer(corr.diagonal().sqrt(), corr.diagonal().sqrt())
+    rank = min(d_out, d_in - 1)  # h spans d_in − 1 dimensions
+    exact = torch.linalg.eigvalsh(corr)[-rank:]
+    wide = on_x.conditioning()
+    for spread in (narrow.PIVOT_SPREAD, 2.0):  # 2.0: no K passes, Σ's eigenvectors
+        monkeypatch.setattr(narrow, "PIVOT_SPREAD", spread)
+        _, [(live, spectrum)] = narrow.correlation_spectra(on_h._narrow[1], on_h._narrow[0])
+        torch.testing.assert_close(spectrum[-rank:], exact, rtol=1e-9, atol=1e-9)
+        cond = on_h.conditioning()
+        assert live == d_out and (cond.dead, cond.dependent) == (wide.dead, wide.dependent)
+        assert cond.dependent == d_out - rank
+
+
 @pytest.mark.parametrize("bias", [True, False])
 def test_joint_systems_are_solved_block_by_block(bias):
     """Two members at an add (A block diagonal, 5 → 12 and 3 → 8 features, correlated
