@@ -449,18 +449,18 @@ class NormalEquations:
         below ``DEPENDENT_PIVOT``, condition: its largest over its smallest (the exact
         condition number, so again a lower bound)."""
         affine, gram, _ = self._narrow
-        var, spectra = correlation_spectra(gram, affine)
-        scale = var.amax(dim=-1, keepdim=True)
-        dead = int((var <= scale * torch.finfo(torch.float64).eps).sum())
+        live, spectra = correlation_spectra(gram, affine)
         dependent, condition = 0, 1.0
-        for live, eig in spectra:
-            if live > eig.shape[0]:
-                eig = torch.cat([eig.new_zeros(live - eig.shape[0]), eig])
-            eig = eig[-live:]  # ascending: the live correlation's whole spectrum
+        for count, eig in zip(live.sum(dim=-1).tolist(), spectra, strict=True):
+            if not count:  # every feature of this system is dead
+                continue
+            if count > eig.shape[0]:
+                eig = torch.cat([eig.new_zeros(count - eig.shape[0]), eig])
+            eig = eig[-count:]  # ascending: the live correlation's whole spectrum
             dependent += int((eig < DEPENDENT_PIVOT).sum())
             smallest = float(eig[0])
             condition = max(condition, float(eig[-1]) / smallest if smallest > 0 else math.inf)
-        return Conditioning(var.numel(), dead, dependent, condition)
+        return Conditioning(live.numel(), int((~live).sum()), dependent, condition)
 
     def solve(self, ridge: float, prior: torch.Tensor | None = None) -> torch.Tensor:
         """The (P, D[+1], K) solution; ``prior`` (same shape) is what the ridge shrinks towards."""

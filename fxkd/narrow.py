@@ -100,7 +100,7 @@ def _scatter(gram: torch.Tensor, bias: bool):
     return gram[:, :d, :d] - h_sum[:, :, None] * (h_sum / n[:, None])[:, None, :], h_sum, n
 
 
-def feature_diagonal(gram: torch.Tensor, affine: BlockAffine) -> torch.Tensor:
+def _feature_diagonal(gram: torch.Tensor, affine: BlockAffine) -> torch.Tensor:
     """(P, D') diagonal of the uncentred Gram over x without forming it:
     ``diag(A G_hh Aᵀ) + 2 a ⊙ (A Σh) + n a²``."""
     d = affine.cols
@@ -123,7 +123,7 @@ def narrow_solve(
     as ``NormalEquations.solve`` on the mapped sums: λ = ``ridge`` · mean(diag G_x), shrunk
     towards ``prior``'s feature rows, no ridge on the bias. Returns (W, ok): ok is False when
     the D×D solve failed or gave non-finite values (the caller falls back to the wide form)."""
-    lam = ridge * feature_diagonal(gram, affine).mean(dim=-1)
+    lam = ridge * _feature_diagonal(gram, affine).mean(dim=-1)
     lam = lam.clamp_min(torch.finfo(torch.float64).tiny)
     scatter, h_sum, n = _scatter(gram, affine.bias)
     cross_scatter = cross
@@ -155,11 +155,11 @@ an eigendecomposition of C, whose rounding does not grow with K's condition."""
 
 def correlation_spectra(
     gram: torch.Tensor, affine: BlockAffine
-) -> tuple[torch.Tensor, list[tuple[int, torch.Tensor]]]:
-    """The variances of x (P, D', up to a common factor) and, per system, (live features L,
-    eigenvalues of ``Σ^½ K Σ^½``, K = Aᵀ S⁻¹ A over the live features, ascending): the nonzero
-    part of the live correlation matrix's spectrum (module docstring). Live: variance above
-    the largest one's fp64 epsilon, as in ``NormalEquations.conditioning``. With K = L Lᵀ
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Which features of x are live (P, D') and, per system, the eigenvalues of ``Σ^½ K Σ^½``
+    (P, D), K = Aᵀ S⁻¹ A over the live features, ascending: the nonzero part of the live
+    correlation matrix's spectrum (module docstring). Live: variance above the largest one's
+    fp64 epsilon, as in ``NormalEquations.conditioning``. With K = L Lᵀ
     (block diagonal like A: cheap) the same spectrum is that of ``Lᵀ Σ L``, one eigvalsh and
     no eigendecomposition of Σ (half the time at resnet50's layer4 shortcut, D = 1,280);
     otherwise Σ^½ = V Λ^½ from Σ's eigenvectors (``PIVOT_SPREAD``)."""
@@ -178,4 +178,4 @@ def correlation_spectra(
         vals, vecs = torch.linalg.eigh(cov)
         root = vecs * vals.clamp_min(0).sqrt()[:, None, :]
         spectrum = torch.linalg.eigvalsh(root.transpose(-1, -2) @ k_mat @ root)
-    return var, [(int(live[p].sum()), spectrum[p]) for p in range(gram.shape[0])]
+    return live, spectrum
