@@ -15,13 +15,20 @@ rejects. The sums are over rows, so data-parallel calibration is one ``all_reduc
 
 ``conditioning`` diagnoses the features before the ridge: with the (centred, when there is a
 bias) second moments ``S`` and their correlation ``R = D^-1/2 S D^-1/2``, a feature is *dead*
-when its variance is zero, *dependent* when the Cholesky pivot of R at it (the share of its
-variance that earlier features do not explain) is below fp32 precision, and
+when its variance is zero, and the number of *dependent* features is the number of R's
+eigenvalues below fp32 precision (its numerical rank deficiency: the same count whichever order
+the features come in, and what the narrow-side diagnosis of ``fxkd.narrow`` reads). One Cholesky
+of R settles the usual case: when every pivot (the share of a feature's variance that earlier
+features do not explain) is above that precision, no feature is counted dependent and
 
     cond(R) ≥ 1 / min pivot
 
 (every Schur-complement pivot is at least λ_min(R), and λ_max(R) ≥ 1), a lower bound that costs
-one Cholesky instead of an eigendecomposition.
+one Cholesky instead of an eigendecomposition. A pivot below it (or a failed factorization)
+means some eigenvalue is: the eigenvalues below it are then counted by inertia (``_diagnose``).
+Counting pivots instead would count a near-duplicate *and* every feature it then "explains"
+(x₁ = x₀ + 10⁻⁴x₂ made x₂'s pivot zero: 2 dependent for one null direction), or not, as the
+rounding of that zero pivot made the factorization succeed or fail on a given CPU.
 """
 
 from __future__ import annotations
@@ -59,10 +66,10 @@ ILL_CONDITIONED = 1e6
 class Conditioning:
     """How well the features determine the solution, summed over the P systems.
 
-    features: P·D; dead: zero-variance features; dependent: live features (numerically) linear
-    in earlier ones (duplicated channels, fewer rows than features); rank = features − dead −
-    dependent; condition: the lower bound ``1 / min pivot`` of the live features' correlation
-    matrix (worst system)."""
+    features: P·D; dead: zero-variance features; dependent: the live features' correlation
+    eigenvalues below ``DEPENDENT_PIVOT`` (duplicated channels, fewer rows than features);
+    rank = features − dead − dependent; condition: a lower bound of the live features'
+    correlation condition number (worst system)."""
 
     features: int
     dead: int
@@ -538,30 +545,36 @@ def _correlation(
 
 
 def _diagnose(corr: torch.Tensor) -> tuple[int, float]:
-    """(features below ``DEPENDENT_PIVOT``, smallest pivot) of correlation matrices (unit
-    diagonal; overwritten). The pivots ``L_ii²`` of a Cholesky factor (a tiny jitter keeps
-    exactly singular matrices factorable; their pivots come out at the jitter). When a matrix
-    is indefinite beyond the jitter (rounding in the centred moments), the count is the number
-    of its eigenvalues below ``DEPENDENT_PIVOT``, read without an eigensolver: by Sylvester's
-    law of inertia it is the number of negative eigenvalues of ``D`` in a Bunch–Kaufman
+    """(eigenvalues below ``DEPENDENT_PIVOT``, smallest pivot or eigenvalue) of correlation
+    matrices (unit diagonal; overwritten). First the pivots ``L_ii²`` of a Cholesky factor (a
+    tiny jitter keeps exactly singular matrices factorable; their pivots come out at the
+    jitter): when none is below ``DEPENDENT_PIVOT`` neither is any eigenvalue's count to
+    report, and the smallest pivot bounds λ_min from above. Otherwise (a pivot below it, or a
+    matrix indefinite beyond the jitter from rounding in the centred moments) the count is
+    the number of eigenvalues below ``DEPENDENT_PIVOT``, read without an eigensolver: by
+    Sylvester's law of inertia it is the number of negative eigenvalues of ``D`` in a Bunch–Kaufman
     ``LDLᵀ = corr − DEPENDENT_PIVOT·I``, where each 2×2 block of ``D`` has exactly one (its
-    determinant is negative) and each 1×1 block its sign; the smallest eigenvalue is then
-    ≤ 0, reported as 0 (condition ∞). Same counts as ``eigvalsh`` (tested), 2–5× faster on a
-    CPU (resnet50 64×64 N=256 pointwise, 2 cores: 0.85 s → 0.25 s); on a GPU ``eigvalsh`` stays
+    determinant is negative) and each 1×1 block its sign; the smallest reported is the
+    smallest pivot, or 0 (condition ∞) when the factorization failed. Same counts as
+    ``eigvalsh`` (tested), 2–5× faster on a CPU (resnet50 64×64 N=256 pointwise, 2 cores:
+    0.85 s → 0.25 s); on a GPU ``eigvalsh`` stays
     (H200, resnet50 224×224 N=256: cuSOLVER's LDLᵀ 0.77–0.81 s for the 16 fallbacks where
     eigvalsh took 0.25 s)."""
     jitter = corr.shape[-1] * torch.finfo(torch.float64).eps
     diagonal = torch.diagonal(corr, dim1=-2, dim2=-1)
     diagonal += jitter
     chol, info = torch.linalg.cholesky_ex(corr)
+    smallest = 0.0
     if not bool((info != 0).any()):
         pivots = torch.diagonal(chol, dim1=-2, dim2=-1).square()
-        return int((pivots < DEPENDENT_PIVOT).sum()), float(pivots.min())
+        smallest = float(pivots.min())
+        if smallest >= DEPENDENT_PIVOT:
+            return 0, smallest
     diagonal -= jitter
     if corr.device.type == "cuda":  # cuSOLVER's LDLᵀ is 3× slower than its eigvalsh (H200)
         eig = torch.linalg.eigvalsh(corr).clamp_min(0)
         return int((eig < DEPENDENT_PIVOT).sum()), float(eig.min())
-    return _count_below(corr, DEPENDENT_PIVOT), 0.0
+    return _count_below(corr, DEPENDENT_PIVOT), smallest
 
 
 def _count_below(sym: torch.Tensor, tau: float) -> int:

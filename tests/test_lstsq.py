@@ -127,6 +127,33 @@ def test_eigenvalues_below_a_threshold_are_counted_without_an_eigensolver():
     assert indefinite >= 3  # the fallback was exercised, not only the Cholesky path
 
 
+def test_dependent_counts_null_directions_not_small_pivots():
+    """A near-duplicate (x₁ = x₀ + a·x₂ + b·x₃, x₃ not a feature) leaves one direction below
+    fp32 precision but, in the order x₀, x₁, x₂, two small Cholesky pivots above rounding
+    (x₁ given x₀: a² = 9e-8; x₂ given both: b²/a² = 5e-8, to about 1e-8 from rounding). The
+    count is the eigenvalues', whichever order the features come in and whether the
+    factorization succeeds or not: on one CPU the exactly dependent version of this (b = 0)
+    made it succeed and count 2, on another fail and count 1."""
+    from fxkd.lstsq import DEPENDENT_PIVOT, _diagnose
+
+    g = torch.Generator().manual_seed(3)
+    z = torch.randn(4000, 5, dtype=torch.float64, generator=g)
+    z = torch.linalg.qr(z - z.mean(0)).Q  # centred, exactly uncorrelated
+    a, b = 9e-8**0.5, (9e-8 * 5e-8) ** 0.5
+    x1 = z[:, 0] + a * z[:, 1] + b * z[:, 3]
+    features = torch.stack([z[:, 0], x1, z[:, 1], z[:, 2], z[:, 4]], dim=1)
+    for order in ([0, 1, 2, 3, 4], [0, 2, 1, 3, 4], [1, 2, 0, 4, 3], [4, 2, 1, 0, 3]):
+        corr = torch.corrcoef(features[:, order].T)[None]
+        assert int((torch.linalg.eigvalsh(corr) < DEPENDENT_PIVOT).sum()) == 1
+        assert _diagnose(corr.clone())[0] == 1
+    corr = torch.corrcoef(features.T)[None]
+    chol, info = torch.linalg.cholesky_ex(corr)
+    pivots = torch.diagonal(chol, dim1=-2, dim2=-1).square()
+    assert int(info) == 0 and int((pivots < DEPENDENT_PIVOT).sum()) == 2 and pivots.min() > 1e-8
+    below, smallest = _diagnose(corr.clone())  # the factorization succeeds here: its route
+    assert below == 1 and 1e-8 < smallest < DEPENDENT_PIVOT  # the condition bound: a pivot
+
+
 @pytest.mark.cuda
 def test_eigenvalue_count_on_the_gpu_equals_the_cpus():
     """cuSOLVER's LDLᵀ (sytrf) follows LAPACK's pivot convention: the same inertia."""
