@@ -445,13 +445,17 @@ class CalibrateAdapters(FxkdPass):
         conditioning = eqs.conditioning()
         if conditioning.ill:
             log.info("%s: ill-conditioned features: %s", members[0].node.name, conditioning)
-        if eqs.rows < unknowns:
+        # what samples can determine: a projected system's features span its producer's
+        # inputs only (the ridge decides the other directions however many rows there are),
+        # and a kernel too large for the rows was already solved pointwise (_solve)
+        determinable = accumulated + int(bias)
+        if eqs.rows < determinable:
             log.warning(
                 "%s: %d sample rows for %d unknowns per output; the ridge decides the rest "
-                "(more samples, or mode='pointwise', would determine it)",
+                "(more samples would determine it)",
                 members[0].node.name,
                 eqs.rows,
-                unknowns,
+                determinable,
             )
         priors = [m.prior().to(eqs.device) for m in members]
         prior = torch.cat([p[:, :s] for p, s in zip(priors, sizes, strict=True)], dim=1)

@@ -267,3 +267,24 @@ def test_cost_rule_prefers_the_narrower_side():
     cost = projection._cost
     assert cost(16, 64) < projection.MAX_COST_SHARE * cost(64, 64)
     assert cost(16, 20) > projection.MAX_COST_SHARE * cost(20, 20)
+
+
+@pytest.mark.parametrize(("size", "warned"), [(8, False), (4, True)])
+def test_too_few_rows_warning_counts_what_samples_can_determine(size, warned, caplog):
+    """A projected site's features span its producer's 16 inputs: 64 rows (one 8x8 sample)
+    determine all that samples can (17 unknowns with the bias), though the adapter has 65; 16
+    rows (4x4) do not, and the hint is more samples (a kernel too large for its rows is already
+    solved pointwise, so mode='pointwise' is no remedy)."""
+    torch.manual_seed(0)
+    teacher = _Widening(nn.Conv2d(16, 64, 1)).eval()
+    student = _Widening(nn.Conv2d(16, 64, 1)).eval()
+    x = torch.randn(1, 3, size, size)
+    t_gm, s_gm = trace(teacher, x), trace(student, x)
+    InsertAdapters(align(t_gm, s_gm), "pointwise")(s_gm)
+    with caplog.at_level("WARNING", logger="fxkd"):
+        calibrate.CalibrateAdapters(t_gm, x)(s_gm)
+    producer = [r for r in caplog.records if "fxkd_adapter_1" in r.getMessage()]
+    assert bool(producer) == warned
+    if warned:
+        assert "16 sample rows for 17 unknowns" in producer[0].getMessage()
+    assert "mode=" not in caplog.text
