@@ -114,14 +114,17 @@ def test_empty_loader_is_a_clear_fxkd_error():
 @pytest.mark.parametrize("mode", ["pointwise", "kernel"])
 def test_each_network_runs_once_over_the_samples(mode):
     """Lockstep calibration: every teacher and student module sees each chunk exactly once
-    (plus the one example batch that records shapes), however many blocks there are."""
+    (plus the two-sample example that records shapes: a chunk there cost as much as the
+    calibration's forwards), however many blocks there are."""
     teacher, shape = make("resnet")
     student, maps = prune_internal_resnet(teacher)
     calls: dict[str, int] = {}
+    seen: dict[str, int] = {}  # samples
 
     def count(name):
         def hook(module, args, out):
             calls[name] = calls.get(name, 0) + 1
+            seen[name] = seen.get(name, 0) + len(args[0])
 
         return hook
 
@@ -156,6 +159,8 @@ def test_each_network_runs_once_over_the_samples(mode):
     student_calls = {v for k, v in calls.items() if k.startswith("s.")}
     assert teacher_calls == {1 + chunks}, calls
     assert student_calls == {2 * (1 + chunks)}, calls
+    assert {v for k, v in seen.items() if k.startswith("t.")} == {2 + 32 * chunks}
+    assert {v for k, v in seen.items() if k.startswith("s.")} == {2 * (2 + 32 * chunks)}
 
 
 def test_half_precision_models_calibrate_in_fp32_and_come_back_in_their_dtype():
