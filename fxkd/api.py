@@ -18,7 +18,7 @@ from fxkd.config import CompressConfig
 from fxkd.data import take_samples
 from fxkd.errors import ConfigError
 from fxkd.memory import MemoryEstimate
-from fxkd.onnx import ValidationReport, export_onnx, exported_elements, validate_onnx
+from fxkd.onnx import ValidationReport, export_onnx_counted, exported_elements, validate_onnx
 from fxkd.passes import CalibrateAdapters, FoldAdapters, FoldBatchNorm, InsertAdapters
 from fxkd.placement import module_device, module_dtype, to_module
 from fxkd.polish import polish
@@ -135,7 +135,7 @@ def compress(
     report = _report(alignment, insert, calibrate, fold, adapter_of, cfg, len(samples))
     validation = None
     if onnx is not None:
-        path = export_onnx(student_gm, to_module(example, student_gm), onnx)
+        path, elements = export_onnx_counted(student_gm, to_module(example, student_gm), onnx)
         original = copy.deepcopy(student).to(device)
         if cfg.fold_batchnorm:
             original = trace(original, leaf_modules=cfg.leaf_modules)
@@ -146,7 +146,7 @@ def compress(
             to_module(samples, student_gm),
             atol=cfg.onnx_atol,
             rtol=cfg.onnx_rtol,
-            weight_elements=exported_elements(student_gm, to_module(example, student_gm)),
+            weight_elements=elements,
             reference_elements=exported_elements(original, to_module(example, original)),
         )
     return CompressResult(student_gm, report, validation, alignment, calibrate.memory)

@@ -11,7 +11,6 @@ from __future__ import annotations
 import itertools
 import logging
 import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -28,6 +27,7 @@ from fxkd.trace import eval_mode
 __all__ = [
     "ValidationReport",
     "export_onnx",
+    "export_onnx_counted",
     "exported_elements",
     "fold_adapters",
     "initializer_elements",
@@ -91,16 +91,29 @@ def export_onnx(
 ) -> Path:
     """Export ``model`` (eval mode, batch dimension dynamic) to one self-contained .onnx file,
     through torch's optimiser unless ``optimize=False``."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    return _saved(_exported(model, example, optimize), path)
+
+
+def export_onnx_counted(
+    model: nn.Module, example: torch.Tensor, path: str | os.PathLike
+) -> tuple[Path, int]:
+    """``export_onnx``'s optimised file and ``exported_elements`` of the same model from one
+    export: the unoptimised program's initializers are counted, then it is optimised and saved
+    (what ``torch.onnx.export(optimize=True)`` does after exporting)."""
+    program = _exported(model, example, optimize=False)
+    elements = initializer_elements(program.model_proto)
+    program.optimize()
+    return _saved(program, path), elements
+
+
+def _exported(model: nn.Module, example: torch.Tensor, optimize: bool):
+    """torch's dynamo-based export of ``model`` as an ``ONNXProgram`` (nothing written)."""
     try:
         with torch.no_grad(), eval_mode(model):
-            torch.onnx.export(
+            return torch.onnx.export(
                 model,
                 (example,),
-                str(path),
                 dynamo=True,
-                external_data=False,
                 dynamic_shapes=({0: "batch"},),
                 optimize=optimize,
                 verbose=False,
@@ -109,6 +122,12 @@ def export_onnx(
         raise OnnxValidationError(
             f"torch.onnx.export failed for {type(model).__name__}: {type(exc).__name__}: {exc}"
         ) from exc
+
+
+def _saved(program, path: str | os.PathLike) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    program.save(str(path), external_data=False)
     return path
 
 
@@ -124,9 +143,7 @@ def initializer_elements(model_or_path: onnx.ModelProto | str | os.PathLike) -> 
 
 def exported_elements(model: nn.Module, example: torch.Tensor) -> int:
     """Initializer elements of an unoptimised export of ``model`` (its weights, by structure)."""
-    with tempfile.TemporaryDirectory() as tmp:
-        path = export_onnx(model, example, Path(tmp) / "weights.onnx", optimize=False)
-        return initializer_elements(path)
+    return initializer_elements(_exported(model, example, optimize=False).model_proto)
 
 
 def _providers() -> list[str]:

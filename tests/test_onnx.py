@@ -2,7 +2,13 @@ import numpy as np
 import pytest
 import torch
 
-from fxkd.onnx import export_onnx, initializer_elements, validate_onnx
+from fxkd.onnx import (
+    export_onnx,
+    export_onnx_counted,
+    exported_elements,
+    initializer_elements,
+    validate_onnx,
+)
 
 from models import make
 
@@ -14,6 +20,29 @@ def test_export_and_validate_with_dynamic_batch(tmp_path):
     assert report.passed and report.max_abs < 1e-4
     assert report.providers[-1] == "CPUExecutionProvider"
     assert initializer_elements(path) == report.initializer_elements > 0
+
+
+def test_one_export_gives_the_optimised_file_and_the_unoptimised_count(tmp_path):
+    """compress exports the recovered student once: the unoptimised program's initializers
+    counted (BatchNorms still separate), then optimised and saved: the file
+    torch.onnx.export(optimize=True) writes, node for node and weight for weight."""
+    import onnx
+
+    model, shape = make("resnet")
+    x = torch.randn(2, *shape)
+    path, elements = export_onnx_counted(model, x, tmp_path / "counted.onnx")
+    direct = export_onnx(model, x, tmp_path / "direct.onnx")
+    assert elements == exported_elements(model, x)
+    assert elements != initializer_elements(direct)  # the optimiser folds (resnet's BNs)
+    a, b = onnx.load(str(path)).graph, onnx.load(str(direct)).graph
+    assert [n.op_type for n in a.node] == [n.op_type for n in b.node]
+    assert sorted(t.name for t in a.initializer) == sorted(t.name for t in b.initializer)
+    assert _input_dims(a) == _input_dims(b) and _input_dims(a)[0] == "batch"
+    assert validate_onnx(path, model, torch.randn(5, *shape)).passed
+
+
+def _input_dims(graph):
+    return [d.dim_param or d.dim_value for d in graph.input[0].type.tensor_type.shape.dim]
 
 
 def test_failed_validation_names_the_output_and_worst_element(tmp_path):
