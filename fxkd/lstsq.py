@@ -43,7 +43,7 @@ import torch
 import torch.distributed as dist
 
 from fxkd.displaced import DisplacedProducts, displaced_products_pay
-from fxkd.narrow import BlockAffine, correlation_spectra, narrow_solve
+from fxkd.narrow import BlockAffine, correlation_spectra, live_features, narrow_solve
 from fxkd.patches import centred_patch_rows, patch_mask, summed_patches
 
 __all__ = ["Conditioning", "NormalEquations", "all_reduce_sum"]
@@ -437,8 +437,7 @@ class NormalEquations:
         mean = gram[:, d, :d] / n if self.bias else torch.zeros_like(second)
         # centred moments: a constant feature is collinear with the bias
         var = (second - mean * mean).clamp_min(0)
-        scale = var.amax(dim=-1, keepdim=True)
-        live = var > scale * torch.finfo(torch.float64).eps
+        live = live_features(var)
         dead = int((~live).sum())
         if dead == 0:  # the usual case: every system at once
             systems = [(gram[:, :d, :d], mean, var)]

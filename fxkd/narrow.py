@@ -35,7 +35,7 @@ from collections.abc import Sequence
 
 import torch
 
-__all__ = ["BlockAffine", "correlation_spectra", "narrow_solve"]
+__all__ = ["BlockAffine", "correlation_spectra", "live_features", "narrow_solve"]
 
 
 class BlockAffine:
@@ -147,6 +147,12 @@ def narrow_solve(
     return w, ok
 
 
+def live_features(var: torch.Tensor) -> torch.Tensor:
+    """Which of the (P, D) variances (any common scale) belong to live features: above the
+    largest one's fp64 epsilon, per system; the rest are dead (constant on the samples)."""
+    return var > var.amax(dim=-1, keepdim=True) * torch.finfo(torch.float64).eps
+
+
 PIVOT_SPREAD = 1e-8
 """Smallest Cholesky pivot of K = Aᵀ S⁻¹ A, relative to its largest, at which the spectrum is
 read as eigvalsh(Lᵀ C L); below it (or K singular: fewer live outputs than inputs) through
@@ -158,14 +164,13 @@ def correlation_spectra(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Which features of x are live (P, D') and, per system, the eigenvalues of ``Σ^½ K Σ^½``
     (P, D), K = Aᵀ S⁻¹ A over the live features, ascending: the nonzero part of the live
-    correlation matrix's spectrum (module docstring). Live: variance above the largest one's
-    fp64 epsilon, as in ``NormalEquations.conditioning``. With K = L Lᵀ
+    correlation matrix's spectrum (module docstring). Live: ``live_features``. With K = L Lᵀ
     (block diagonal like A: cheap) the same spectrum is that of ``Lᵀ Σ L``, one eigvalsh and
     no eigendecomposition of Σ (half the time at resnet50's layer4 shortcut, D = 1,280);
     otherwise Σ^½ = V Λ^½ from Σ's eigenvectors (``PIVOT_SPREAD``)."""
     cov = _scatter(gram, affine.bias)[0]  # n·Σ: the correlation does not see the scale
     var = affine.diagonal(cov).clamp_min(0)  # n · diag(A Σ Aᵀ)
-    live = var > var.amax(dim=-1, keepdim=True) * torch.finfo(torch.float64).eps
+    live = live_features(var)
     weights = torch.where(live, 1.0 / var.clamp_min(torch.finfo(torch.float64).tiny), 0.0)
     k_mat = affine.gram(weights)
     chol, info = torch.linalg.cholesky_ex(k_mat)
