@@ -4,6 +4,11 @@ inside one process.
 
     python examples/ab_calibration.py --rev HEAD~1 --pair resnet-style --samples 256 --mode kernel
     python examples/ab_calibration.py --rev HEAD --pair resnet18 --size 224 --samples 64 --rounds 3
+    python examples/ab_calibration.py --rev .ab/old --device cuda --pair resnet18 --size 224
+
+``--rev`` may name a directory holding the revision's files at their paths, for a machine
+without the repository's history (a GPU machine gets the working tree only): make it with
+``mkdir -p .ab/old && git archive <rev> fxkd passes | tar -x -C .ab/old`` and carry ``.ab``.
 
 On a noisy shared machine separate processes (even alternated) misled us; alternating the two
 variants inside one process, and which one goes first in each round, held up. Both variants run
@@ -28,7 +33,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from bench_calibration import PAIRS, make_pair
+from bench_calibration import PAIRS, _sync, make_pair
 
 import fxkd
 from fxkd.align import align
@@ -38,18 +43,28 @@ from fxkd.trace import trace
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def _module_at(rev: str, path: str, name: str, package: str) -> dict | None:
-    """The namespace of ``path`` as of git revision ``rev``, imported as ``name`` (None when
-    the file is not in that revision)."""
+def _source_at(rev: str, path: str) -> str | None:
+    """The text of ``path`` as of ``rev``: a git revision, or a directory holding the
+    revision's files (None when the file is not in it)."""
+    if Path(rev).is_dir():
+        file = Path(rev) / path
+        return file.read_text() if file.is_file() else None
     shown = subprocess.run(
         ["git", "show", f"{rev}:{path}"], cwd=ROOT, capture_output=True, text=True
     )
-    if shown.returncode != 0:
+    return shown.stdout if shown.returncode == 0 else None
+
+
+def _module_at(rev: str, path: str, name: str, package: str) -> dict | None:
+    """The namespace of ``path`` as of ``rev``, imported as ``name`` (None when the file is
+    not in that revision)."""
+    source = _source_at(rev, path)
+    if source is None:
         return None
     module = types.ModuleType(name)
     module.__package__ = package
     sys.modules[name] = module
-    exec(compile(shown.stdout, f"{rev}:{path}", "exec"), module.__dict__)
+    exec(compile(source, f"{rev}:{path}", "exec"), module.__dict__)
     return module.__dict__
 
 
@@ -91,13 +106,18 @@ def _revision(rev: str) -> dict:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    p.add_argument("--rev", default="HEAD", help="git revision to compare the working tree with")
+    p.add_argument(
+        "--rev", default="HEAD",
+        help="git revision (or a directory of its files) to compare the working tree with",
+    )  # fmt: skip
     p.add_argument("--pair", choices=PAIRS, default="resnet-style")
     p.add_argument("--size", type=int, default=32)
     p.add_argument("--samples", type=int, default=256)
     p.add_argument("--mode", choices=fxkd.config.MODES, default="pointwise")
     p.add_argument("--rounds", type=int, default=5)
+    p.add_argument("--device", default="cpu")
     args = p.parse_args()
+    device = torch.device(args.device)
 
     calibrate = _revision(args.rev)
     methods = ("call", "_solve", "_solve_jointly")  # the pass's whole run, each variant's own
@@ -107,7 +127,8 @@ def main() -> None:
     }
 
     teacher, student, shape = make_pair(args.pair, args.size)
-    x = torch.randn(args.samples, *shape)
+    teacher, student = teacher.to(device), student.to(device)
+    x = torch.randn(args.samples, *shape, device=device)
     cfg = fxkd.CompressConfig(mode=args.mode, num_samples=args.samples, progress=False)
     t_gm = trace(teacher, x[:2])
 
@@ -115,8 +136,10 @@ def main() -> None:
         gm = trace(copy.deepcopy(student), x[:2])
         InsertAdapters(align(t_gm, gm, channel_maps=student.fxkd_channel_maps), args.mode)(gm)
         cal = CalibrateAdapters(t_gm, x, cfg)
+        _sync(device)
         start = time.perf_counter()
         cal(gm)
+        _sync(device)
         return time.perf_counter() - start, cal.records
 
     times = {name: [] for name in variants}
@@ -136,7 +159,10 @@ def main() -> None:
         abs(old[k].err_after - new[k].err_after) / max(old[k].err_after, old[k].err_before, 1e-6)
         for k in old
     )
-    print(f"{args.pair} {args.size}x{args.size} N={args.samples} {args.mode}, {args.rounds} rounds")
+    print(
+        f"{args.pair} {args.size}x{args.size} N={args.samples} {args.mode}, {args.rounds} rounds"
+        f" on {torch.cuda.get_device_name(device) if device.type == 'cuda' else 'cpu'}"
+    )
     for name, ts in times.items():
         each = " ".join(f"{t:.3f}" for t in ts)
         print(f"  {name:>14}: median {statistics.median(ts):.3f} s  ({each})")
