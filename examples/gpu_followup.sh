@@ -36,10 +36,8 @@ for round in 1 2; do
             path=$old${PYTHONPATH:+:$PYTHONPATH} script=.ab/first/examples/bench_calibration.py
         fi
         echo "== round $round: $tree tree ($script)"
-        PYTHONPATH=$path timeout "$limit" python3 -P -c \
-            "import fxkd.passes as p, sys; print('fxkd.passes from', p.__file__); \
-sys.argv = sys.argv[1:]; sys.path.insert(0, sys.argv[0].rsplit('/', 1)[0]); \
-exec(open(sys.argv[0]).read(), {'__name__': '__main__', '__file__': sys.argv[0]})" \
+        PYTHONPATH=$path python3 -P -c "import fxkd.passes as p; print('fxkd.passes:', p.__file__)"
+        PYTHONPATH=$path timeout "$limit" python3 \
             "$script" --pairs resnet18 --size "$size" --samples "${runs[@]}" --modes kernel \
             --device "$device" --repeats 3 --no-memory 2>&1 | grep -v "sample rows" \
             | tee -a "$out/ab_resnet18_kernel.txt"
