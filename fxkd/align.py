@@ -45,6 +45,7 @@ import torch
 import torch.fx as fx
 from torch import nn
 
+from fxkd.capture import node_shape
 from fxkd.errors import AlignmentError
 from fxkd.nodes import (
     add_operands,
@@ -56,7 +57,6 @@ from fxkd.nodes import (
     site_producer,
     spatial_dims,
 )
-from fxkd.trace import node_shape
 
 __all__ = [
     "Alignment",

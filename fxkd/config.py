@@ -50,8 +50,8 @@ class CompressConfig:
             errors in the report are still measured on every position.
         memory_limit: bytes calibration may use on its device (and in CPU memory when
             offloading); default: what the device reports free. A calibration whose estimate
-            (``fxkd.memory.estimate``) exceeds it stops before any work, with the options that
-            would make it fit.
+            (``fxkd.passes.memory.estimate``) exceeds it stops before any work, with the options
+            that would make it fit.
         polish_steps: after the closed form, this many steps of the label-free gradient polish
             (``fxkd.polish``: Adam on the teacher-normalised squared error at every aligned
             point, BatchNorm frozen; shapes unchanged). 0 (default): closed form only. The

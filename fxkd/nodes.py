@@ -27,7 +27,28 @@ __all__ = [
     "undo_steps",
 ]
 
-AFFINE_TYPES = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
+CONV_TYPES = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
+AFFINE_TYPES = (*CONV_TYPES, nn.Linear)
+BATCHNORM_TYPES = (nn.modules.batchnorm._BatchNorm,)
+PER_CHANNEL_MODULES = (
+    *BATCHNORM_TYPES,
+    nn.AdaptiveAvgPool1d,
+    nn.AdaptiveAvgPool2d,
+    nn.AdaptiveAvgPool3d,
+    nn.AvgPool2d,
+    nn.MaxPool2d,
+    nn.Dropout,
+    nn.Identity,
+)
+"""Modules that act on each channel on its own (pooling over positions included)."""
+PER_CHANNEL_FUNCTIONS = {
+    F.adaptive_avg_pool1d,
+    F.adaptive_avg_pool2d,
+    F.adaptive_avg_pool3d,
+    F.avg_pool2d,
+    F.max_pool2d,
+    F.dropout,
+}
 
 _NONLINEAR_MODULES = (
     nn.ReLU,

@@ -23,9 +23,9 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from fxkd.align import Alignment
+from fxkd.capture import trace
 from fxkd.errors import ConfigError
 from fxkd.placement import module_device, to_module
-from fxkd.trace import trace
 
 __all__ = ["polish"]
 

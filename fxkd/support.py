@@ -26,8 +26,8 @@ import torch
 from torch import nn
 
 from fxkd.api import CompressResult, compress
+from fxkd.capture import node_shape, trace
 from fxkd.passes.adapter import ADAPTER_TYPES
-from fxkd.trace import node_shape, trace
 
 __all__ = ["SupportRow", "check_support", "stage_sizes"]
 

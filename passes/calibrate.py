@@ -32,17 +32,17 @@ from torch import nn
 from torch.fx.passes.infra.pass_base import PassResult
 from tqdm.auto import tqdm
 
+from fxkd.capture import eval_mode, trace
 from fxkd.config import CompressConfig
 from fxkd.errors import CalibrationError
-from fxkd.fold import compose_pointwise, effective_affine
-from fxkd.lstsq import Conditioning, NormalEquations, all_reduce_sum
-from fxkd.memory import MemoryEstimate, check_fits
-from fxkd.memory import estimate as estimate_memory
 from fxkd.nodes import redo_steps, undo_steps
-from fxkd.patches import blocks, patch_blocks
+from fxkd.passes.memory import MemoryEstimate, check_fits
+from fxkd.passes.memory import estimate as estimate_memory
 from fxkd.placement import full_precision, module_device, module_dtype
-from fxkd.projection import producer_input
-from fxkd.trace import eval_mode, trace
+from fxkd.solve.fold import compose_pointwise, effective_affine
+from fxkd.solve.normal import Conditioning, NormalEquations, all_reduce_sum
+from fxkd.solve.patches import blocks, patch_blocks
+from fxkd.solve.projection import producer_input
 
 from .adapter import KernelAdapter, PointwiseAdapter, adapter_points
 from .base import FxkdPass
@@ -100,7 +100,7 @@ class _Member:
     @property
     def projected(self) -> bool:
         """Solved pointwise from sums over the producer's input, mapped through the producer
-        (``fxkd.projection``)."""
+        (``fxkd.solve.projection``)."""
         return self.pointwise and self.source is not None
 
     @property
@@ -441,7 +441,7 @@ class CalibrateAdapters(FxkdPass):
             raise CalibrationError(
                 _non_finite(f"teacher node {members[0].module.pair.teacher_point} or a residual")
             )
-        if mapping is not None:  # solved at the narrow side (fxkd.narrow)
+        if mapping is not None:  # solved at the narrow side (fxkd.solve.narrow)
             eqs.project(mapping, tiles)
         unknowns = eqs.features + int(eqs.bias)
         conditioning = eqs.conditioning()

@@ -3,7 +3,7 @@
     producer ─▶ bn ─▶ users                    ──FoldBatchNorm──▶  producer' ─▶ users
     producer ─▶ [bn] ─▶ adapter ─▶ users       ──FoldAdapters──▶   producer' ─▶ [bn'] ─▶ users
 
-FoldAdapters keeps every parameter's shape (fxkd.fold: ``W' = Q·W`` per group at every kernel
+FoldAdapters keeps every parameter's shape (fxkd.solve.fold: ``W' = Q·W`` per group at every kernel
 tap, ``b' = Q·b + c``, through a kept BatchNorm when there is one). A site that cannot be folded
 keeps its adapter (the model stays correct) and the reason is recorded in ``self.outcome``.
 """
@@ -19,13 +19,18 @@ from torch import nn
 from torch.fx.passes.infra.pass_base import PassResult
 from torch.nn.utils import parametrize
 
-from fxkd.fold import compose_pointwise, effective_affine, fuse_batchnorm, write_effective_affine
 from fxkd.nodes import (
     affine_module,
     eval_batchnorm,
     module_call_counts,
     site_producer,
     spatial_dims,
+)
+from fxkd.solve.fold import (
+    compose_pointwise,
+    effective_affine,
+    fuse_batchnorm,
+    write_effective_affine,
 )
 
 from .adapter import ADAPTER_TYPES, KernelAdapter

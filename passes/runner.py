@@ -147,7 +147,7 @@ class GraphRunner:
         allocates and writes a fresh activation the eager model does not (a quarter of
         resnet50's held peak). Only when nothing else will read ``a`` (this node is its last
         user, it is not pinned, not an input) and the values stay on the compute device;
-        ``_writable`` checks each chunk's tensors. ``fxkd.memory`` counts the same."""
+        ``_writable`` checks each chunk's tensors. ``fxkd.passes.memory`` counts the same."""
         a = in_place_operand(node)
         return (
             a is not None and not self.offload and self.remaining[a] == 1 and a not in self.pinned

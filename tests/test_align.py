@@ -4,8 +4,8 @@ import pytest
 import torch
 
 from fxkd.align import align, block_cuts, find_sites, is_mirror
+from fxkd.capture import trace
 from fxkd.errors import AlignmentError
-from fxkd.trace import trace
 
 from models import VGGStyle, make, prune_internal_resnet, prune_internal_vgg, randomize_bn
 

@@ -1,13 +1,13 @@
-"""Internal conv-chain pruning (fxkd.chain_prune), prune(scope="internal")."""
+"""Internal conv-chain pruning (fxkd.students.chains), prune(scope="internal")."""
 
 import pytest
 import torch
 from torch import nn
 
 import fxkd
-from fxkd.chain_prune import find_chains, prune_chains
+from fxkd.capture import trace
 from fxkd.students import channel_maps_of, prune
-from fxkd.trace import trace
+from fxkd.students.chains import find_chains, prune_chains
 
 from models import randomize_bn
 

@@ -41,9 +41,16 @@ def test_bad_arguments_exit_non_zero_with_a_reason():
 
 @pytest.mark.slow
 def test_fashion_mnist_benchmark_quick_mode(tmp_path):
-    """examples/fashion_mnist.py --quick (needs the Fashion-MNIST files; minutes)."""
+    """examples/benchmarks/fashion_mnist.py --quick (needs the Fashion-MNIST files; minutes)."""
     out = subprocess.run(
-        [sys.executable, "examples/fashion_mnist.py", "--quick", "--out", str(tmp_path)],
+        [
+            sys.executable,
+            "-m",
+            "examples.benchmarks.fashion_mnist",
+            "--quick",
+            "--out",
+            str(tmp_path),
+        ],
         capture_output=True,
         text=True,
         timeout=1800,
@@ -58,8 +65,8 @@ def test_fashion_mnist_benchmark_quick_mode(tmp_path):
 def test_compress_and_validate_commands(tmp_path):
     import torch
 
+    from fxkd.cli.zoo import build
     from fxkd.students import prune
-    from fxkd.zoo import build
 
     torch.manual_seed(0)
     teacher = build("vgg").eval()
@@ -105,9 +112,9 @@ def test_compress_bad_inputs_give_one_line_reasons(tmp_path):
     out = _fxkd(
         "compress",
         "--teacher",
-        "fxkd.zoo:FashionVGG",
+        "fxkd.cli.zoo:FashionVGG",
         "--student",
-        "fxkd.zoo:FashionVGG",
+        "fxkd.cli.zoo:FashionVGG",
         "--data",
         str(tmp_path),
     )  # an empty folder
@@ -115,7 +122,7 @@ def test_compress_bad_inputs_give_one_line_reasons(tmp_path):
 
 
 def test_fashion_mnist_runs_split_over_processes_merge_into_one_table(tmp_path):
-    """examples/gpu_fashion.sh's merge: the .json of runs split by teacher/student (one of
+    """examples/tools/gpu_fashion.sh's merge: the .json of runs split by teacher/student (one of
     them stopped early, a .partial.json) become one table holding every row of both."""
     import importlib.util
     import json
@@ -127,7 +134,7 @@ def test_fashion_mnist_runs_split_over_processes_merge_into_one_table(tmp_path):
             for seed, (method, acc) in enumerate(accs)
         ]  # fmt: skip
         meta = {
-            "command": f"python examples/fashion_mnist.py --teachers {teacher}",
+            "command": f"python -m examples.benchmarks.fashion_mnist --teachers {teacher}",
             "quick": False,
             "seeds": [0, 1],
             "machine": "test",
@@ -142,7 +149,7 @@ def test_fashion_mnist_runs_split_over_processes_merge_into_one_table(tmp_path):
     a.write_text(json.dumps(run("vgg", "l1-50", [("fxkd-kernel", 0.9), ("fxkd-kernel", 0.8)])))
     b.write_text(json.dumps(run("resnet", "l1-75", [("mir", 0.7)])))
     out = subprocess.run(
-        [sys.executable, "examples/fashion_mnist.py", "--from-json", str(a), str(b),
+        [sys.executable, "-m", "examples.benchmarks.fashion_mnist", "--from-json", str(a), str(b),
          "--tag", "merged", "--out", str(tmp_path)],
         capture_output=True, text=True, timeout=120,
     )  # fmt: skip

@@ -1,4 +1,4 @@
-"""The patch Gram of stride-1 convs as displaced products (fxkd.displaced) sums exactly what
+"""The patch Gram of stride-1 convs as displaced products (fxkd.solve.displaced) sums exactly what
 im2col's patches do."""
 
 import math
@@ -10,10 +10,11 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from fxkd import displaced, lstsq
-from fxkd.displaced import Geometry, displaced_products_fit, displaced_products_pay
-from fxkd.lstsq import NormalEquations
-from fxkd.patches import patch_blocks
+from fxkd.solve import displaced
+from fxkd.solve import normal as lstsq
+from fxkd.solve.displaced import Geometry, displaced_products_fit, displaced_products_pay
+from fxkd.solve.normal import NormalEquations
+from fxkd.solve.patches import patch_blocks
 
 
 @pytest.fixture

@@ -6,8 +6,8 @@ import torch.fx as fx
 from torch import nn
 
 from fxkd.align import align
+from fxkd.capture import trace
 from fxkd.passes import FoldAdapters, FoldBatchNorm, InsertAdapters, KernelAdapter
-from fxkd.trace import trace
 
 from models import randomize_bn
 

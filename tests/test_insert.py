@@ -2,8 +2,8 @@ import pytest
 import torch
 
 from fxkd.align import align
+from fxkd.capture import trace
 from fxkd.passes import InsertAdapters, KernelAdapter, PointwiseAdapter
-from fxkd.trace import trace
 
 from models import ZOO, make
 

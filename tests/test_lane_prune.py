@@ -1,4 +1,4 @@
-"""Pruning through channel routing (concatenations, chunks, channel shuffles): fxkd.lane_prune."""
+"""Pruning through channel routing (concatenations, chunks, channel shuffles): students.lanes."""
 
 import copy
 
@@ -7,8 +7,8 @@ import torch
 import torchvision
 from torch import nn
 
-from fxkd.lane_prune import prune_lanes
 from fxkd.students import channel_maps_of, prune
+from fxkd.students.lanes import prune_lanes
 from fxkd.support import check_support
 
 
@@ -195,12 +195,12 @@ def test_channel_mixing_activations_keep_their_width_and_flatten_routes():
 def test_a_failing_lane_analysis_leaves_the_fallback_student_as_it_was(monkeypatch, caplog):
     """prune's fallback never breaks on the lane analysis: when it raises, the block outputs
     keep their width, the rest of the fallback stands and a warning says why."""
-    import fxkd.lane_prune
+    import fxkd.students.lanes
 
     def broken(*args, **kwargs):
         raise RuntimeError("an op the tag run does not model")
 
-    monkeypatch.setattr(fxkd.lane_prune, "prune_lanes", broken)
+    monkeypatch.setattr(fxkd.students.lanes, "prune_lanes", broken)
     teacher = _shufflenet()
     with caplog.at_level("WARNING"):
         student = prune(teacher, 0.5, example_inputs=torch.randn(2, 3, 32, 32))

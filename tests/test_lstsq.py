@@ -3,7 +3,7 @@ import math
 import pytest
 import torch
 
-from fxkd.lstsq import NormalEquations
+from fxkd.solve.normal import NormalEquations
 
 
 def _planted(groups=3, d=5, k=4, rows=200, bias=True, seed=0):
@@ -107,7 +107,7 @@ def test_eigenvalues_below_a_threshold_are_counted_without_an_eigensolver():
     """The inertia of a Bunch–Kaufman LDLᵀ of S − τI counts S's eigenvalues below τ: the same
     count as eigvalsh on rank-deficient correlation matrices with rounding-size noise (which
     makes them indefinite: the case the Cholesky diagnosis cannot factor)."""
-    from fxkd.lstsq import DEPENDENT_PIVOT, _count_below, _diagnose
+    from fxkd.solve.normal import DEPENDENT_PIVOT, _count_below, _diagnose
 
     g = torch.Generator().manual_seed(0)
     indefinite = 0
@@ -134,7 +134,7 @@ def test_dependent_counts_null_directions_not_small_pivots():
     count is the eigenvalues', whichever order the features come in and whether the
     factorization succeeds or not: on one CPU the exactly dependent version of this (b = 0)
     made it succeed and count 2, on another fail and count 1."""
-    from fxkd.lstsq import DEPENDENT_PIVOT, _diagnose
+    from fxkd.solve.normal import DEPENDENT_PIVOT, _diagnose
 
     g = torch.Generator().manual_seed(3)
     z = torch.randn(4000, 5, dtype=torch.float64, generator=g)
@@ -157,7 +157,7 @@ def test_dependent_counts_null_directions_not_small_pivots():
 @pytest.mark.cuda
 def test_eigenvalue_count_on_the_gpu_equals_the_cpus():
     """cuSOLVER's LDLᵀ (sytrf) follows LAPACK's pivot convention: the same inertia."""
-    from fxkd.lstsq import DEPENDENT_PIVOT, _count_below
+    from fxkd.solve.normal import DEPENDENT_PIVOT, _count_below
 
     if not torch.cuda.is_available():
         pytest.skip("needs CUDA")
@@ -195,7 +195,7 @@ def test_centred_patches_accumulate_the_same_normal_equations(conv, bias):
     Gram and cross products as update_blocks on F.unfold's patches, in fp64, over several
     updates, for strides, dilations, asymmetric padding, groups and 1-3 spatial dims; the
     features' large means (ReLU of shifted data) make the shift terms matter."""
-    from fxkd.patches import patch_blocks
+    from fxkd.solve.patches import patch_blocks
 
     conv = dict(conv)
     dims = conv.pop("dims")
@@ -237,9 +237,9 @@ def test_fp32_patches_keep_the_spread_not_the_mean(route, monkeypatch):
     """fp32 features with a mean 300 times their spread: the centred second moments from
     update_patches are as accurate as update_blocks' (rounding scales with the spread), by
     either of its routes (im2col patches, or displaced products of the input)."""
-    from fxkd import lstsq
-    from fxkd.displaced import displaced_products_fit
-    from fxkd.patches import patch_blocks
+    from fxkd.solve import normal as lstsq
+    from fxkd.solve.displaced import displaced_products_fit
+    from fxkd.solve.patches import patch_blocks
 
     rule = displaced_products_fit if route == "displaced" else (lambda m, x: False)
     monkeypatch.setattr(lstsq, "displaced_products_pay", rule)

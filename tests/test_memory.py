@@ -8,10 +8,10 @@ import torch
 
 import fxkd
 from fxkd.align import align
+from fxkd.capture import trace
 from fxkd.errors import ConfigError, MemoryBudgetError
-from fxkd.memory import estimate, peak_live_bytes
 from fxkd.passes import CalibrateAdapters, GraphRunner, InsertAdapters
-from fxkd.trace import trace
+from fxkd.passes.memory import estimate, peak_live_bytes
 
 from models import make, plant, prune_internal_resnet
 

@@ -13,9 +13,9 @@ from torch import nn
 
 import fxkd
 from fxkd.align import align
+from fxkd.capture import trace
 from fxkd.onnx import export_onnx, fold_adapters
 from fxkd.passes import CalibrateAdapters, InsertAdapters
-from fxkd.trace import trace
 
 from models import make, plant, randomize_bn
 

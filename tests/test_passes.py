@@ -5,8 +5,8 @@ from torch.fx.passes.infra.pass_manager import PassManager
 
 import fxkd
 from fxkd.align import align
+from fxkd.capture import trace
 from fxkd.passes import CalibrateAdapters, FoldAdapters, InsertAdapters
-from fxkd.trace import trace
 
 from models import make, prune_internal_resnet
 

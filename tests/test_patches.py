@@ -2,7 +2,7 @@ import pytest
 import torch
 from torch import nn
 
-from fxkd.patches import blocks, patch_blocks, patches, rows
+from fxkd.solve.patches import blocks, patch_blocks, patches, rows
 
 CASES = [
     ("conv1d-k5-s2", lambda: nn.Conv1d(6, 4, 5, stride=2, padding=1), (2, 6, 17)),

@@ -6,10 +6,10 @@ import pytest
 import torch
 
 import fxkd
+from fxkd.capture import trace
 from fxkd.errors import ConfigError
 from fxkd.passes.adapter import ADAPTER_TYPES
 from fxkd.polish import polish
-from fxkd.trace import trace
 
 from models import make, plant, prune_internal_vgg
 

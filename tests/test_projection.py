@@ -1,15 +1,15 @@
 """Pointwise normal equations accumulated on a widening producer's input and mapped through it
-(fxkd.projection, NormalEquations.project) are the output's."""
+(fxkd.solve.projection, NormalEquations.project) are the output's."""
 
 import pytest
 import torch
 from torch import nn
 
-from fxkd import projection
 from fxkd.align import align
-from fxkd.lstsq import NormalEquations
+from fxkd.capture import trace
 from fxkd.passes import InsertAdapters, calibrate
-from fxkd.trace import trace
+from fxkd.solve import projection
+from fxkd.solve.normal import NormalEquations
 
 from models import calibrated_resnet_fp64
 
@@ -73,7 +73,7 @@ def _both_sides(a_mat, a_vec, h, y, bias, tiles=()):
 @pytest.mark.parametrize("bias", [True, False])
 @pytest.mark.parametrize("ridge", [1e-6, 1e-2])
 def test_narrow_side_solve_is_the_wide_solve(bias, ridge):
-    """The D×D push-through solve (fxkd.narrow) gives the D'×D' system's solution, with a
+    """The D×D push-through solve (fxkd.solve.narrow) gives the D'×D' system's solution, with a
     prior, several systems; the mapped sums are never formed for it."""
     a_mat, a_vec, h, y = _widened(bias, systems=2)
     on_x, on_h = _both_sides(a_mat, a_vec, h, y, bias)
@@ -123,7 +123,7 @@ def test_both_spectrum_routes_give_the_wide_diagnosis(shape, monkeypatch):
     when K is singular: 6 outputs from 8 inputs; forced here for 5 → 12) is the live
     correlation's (its nonzero eigenvalues) and counts the wide system's dependent features,
     with a duplicated input."""
-    from fxkd import narrow
+    from fxkd.solve import narrow
 
     d_in, d_out = shape
     a_mat, a_vec, h, y = _widened(True, d_in=d_in, d_out=d_out)

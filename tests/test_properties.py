@@ -10,8 +10,8 @@ from hypothesis import given
 
 import fxkd
 from fxkd.align import align
+from fxkd.capture import trace
 from fxkd.passes import FoldAdapters, InsertAdapters, KernelAdapter, PointwiseAdapter
-from fxkd.trace import trace
 
 from models import plant
 from random_nets import RandomNet, input_shape, net_specs

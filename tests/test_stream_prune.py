@@ -5,8 +5,8 @@ import copy
 import torch
 from torch import nn
 
-from fxkd.stream_prune import find_streams, prune_streams
-from fxkd.trace import trace
+from fxkd.capture import trace
+from fxkd.students.streams import find_streams, prune_streams
 
 from models import make
 

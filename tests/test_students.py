@@ -4,8 +4,8 @@ from torch import nn
 
 import fxkd
 from fxkd.align import align
+from fxkd.capture import trace
 from fxkd.students import channel_maps_of, decouple, prune
-from fxkd.trace import trace
 
 from models import make
 

@@ -2,8 +2,8 @@ import pytest
 import torch
 from torch import nn
 
+from fxkd.capture import eval_mode, node_shape, trace
 from fxkd.errors import FxkdError, TraceError
-from fxkd.trace import eval_mode, node_shape, trace
 
 from models import make
 

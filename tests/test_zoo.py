@@ -4,17 +4,18 @@ For each case: at least one aligned pair per stage (spatial resolution) of the t
 report lists every adapter and every skipped producer, every adapter is folded, no adapter
 module is left and the parameter shapes equal the student's as given, no point's error grows
 in its solve, and the ONNX export passes onnxruntime validation with the student's size. One
-case per family runs by default; the rest are marked slow (examples/zoo_support.py runs them
+case per family runs by default; the rest are marked slow (examples.benchmarks.zoo_support
+runs them
 all and writes the README's support table)."""
 
 import pytest
 import torch
 
 import fxkd
-from fxkd.stream_prune import find_streams
+from fxkd.capture import trace
 from fxkd.students import channel_maps_of, prune
+from fxkd.students.streams import find_streams
 from fxkd.support import check_support
-from fxkd.trace import trace
 
 from zoo_cases import ARCHS, KINDS, NO_BATCHNORM, build, make_case
 

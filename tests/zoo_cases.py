@@ -1,6 +1,6 @@
 """torchvision model-zoo cases for fxkd: (architecture, student kind) → teacher, student,
 samples. Random init (seeded), BatchNorms given non-trivial statistics, eval mode, small
-inputs. Shared by tests/test_zoo.py and examples/zoo_support.py (the README's support table)."""
+inputs. Shared by tests/test_zoo.py and examples.benchmarks.zoo_support (the support table)."""
 
 from __future__ import annotations
 
@@ -11,8 +11,7 @@ import torchvision.models as tvm
 from torch import nn
 
 from fxkd.students import decouple, prune
-
-from models import randomize_bn
+from tests.models import randomize_bn
 
 ARCHS = [
     "resnet18",
@@ -64,7 +63,7 @@ class Case:
 
 
 def make_case(arch: str, kind: str, samples: int = 32, seed: int = 0) -> Case:
-    """``kind``: "l1" / "bn" (fxkd.students.prune at 50%), "decouple" (rank 1), or "depth"
+    """``kind``: "l1" / "bn" (fxkd.students.pruning at 50%), "decouple" (rank 1), or "depth"
     (arch is the teacher, DEPTH's student)."""
     if kind == "depth":
         teacher, shape = build(arch, seed)

@@ -1,0 +1,246 @@
+"""Student builders that record how the student's channels map to the teacher's.
+
+``prune`` removes whole filters (and everything coupled to them: BatchNorms, the next layers'
+input channels, residual partners, concatenations, grouped/depthwise convs) with torch-pruning's
+dependency graph, choosing the filters itself so the kept indices are known exactly. ``decouple``
+replaces each regular k×k conv by a depthwise k×k conv and a pointwise 1×1 conv (network
+decoupling), initialised from a per-input-channel SVD of the kernel.
+
+The builders store the channel maps on the returned student (attribute ``fxkd_channel_maps``,
+``{module name: kept teacher output channels}``), where ``fxkd.compress`` finds them.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import math
+
+import torch
+from torch import nn
+
+from fxkd.errors import ConfigError
+from fxkd.nodes import CONV_TYPES
+from fxkd.students.chains import prune_chains
+from fxkd.students.lanes import prune_lanes
+from fxkd.students.streams import prune_streams
+
+__all__ = ["CHANNEL_MAPS_ATTR", "SCOPES", "TorchPruningError", "channel_maps_of", "prune"]
+
+log = logging.getLogger(__name__)
+CHANNEL_MAPS_ATTR = "fxkd_channel_maps"
+
+
+def channel_maps_of(student: nn.Module) -> dict[str, list[int]]:
+    """The channel maps a builder recorded on ``student`` (empty when none)."""
+    return dict(getattr(student, CHANNEL_MAPS_ATTR, None) or {})
+
+
+def _importance(group, kind: str) -> torch.Tensor:
+    """Per-channel importance of a coupled group: summed L1 norms of its filters ("l1") or
+    summed |γ| of its BatchNorms ("bn", network slimming; L1 when the group has none)."""
+    import torch_pruning as tp
+
+    l1, gamma = None, None
+    for dep, idxs in group:
+        layer = dep.target.module
+        if dep.handler not in (
+            tp.prune_conv_out_channels,
+            tp.prune_depthwise_conv_out_channels,
+            tp.prune_linear_out_channels,
+            tp.prune_batchnorm_out_channels,
+        ):
+            continue
+        idx = torch.as_tensor([int(i) for i in idxs])
+        width = layer.weight.shape[0] if getattr(layer, "weight", None) is not None else 0
+        if len(idx) and int(idx.max()) >= width:
+            # torch-pruning's concat index bookkeeping (DenseNet) can point past a layer
+            # that sees only part of the concatenation: score with the other members
+            log.debug("skipping %s in importance: index %d >= %d", dep, int(idx.max()), width)
+            continue
+        if isinstance(layer, nn.modules.batchnorm._BatchNorm) and layer.weight is not None:
+            g = layer.weight.detach().abs()[idx]
+            gamma = g if gamma is None else gamma + g
+        elif isinstance(layer, (*CONV_TYPES, nn.Linear)):
+            n = layer.weight.detach().flatten(1).abs().sum(1)[idx]
+            l1 = n if l1 is None else l1 + n
+    if kind == "bn" and gamma is not None:
+        return gamma
+    if l1 is None:
+        raise ConfigError("a pruning group holds no conv/linear filters")
+    return l1
+
+
+SCOPES = ("auto", "all", "internal")
+
+
+class TorchPruningError(ConfigError):
+    """torch-pruning could not analyse or prune the model (``scope="auto"`` falls back)."""
+
+
+def prune(
+    teacher: nn.Module,
+    ratio: float,
+    *,
+    importance: str = "l1",
+    example_inputs: torch.Tensor,
+    ignored_layers: list[nn.Module] | None = None,
+    scope: str = "auto",
+) -> nn.Module:
+    """A filter-pruned copy of ``teacher`` with ``ratio`` of each coupled channel group removed.
+
+    importance: ``"l1"`` (Li et al., L1-norm filter pruning) or ``"bn"`` (Liu et al., network
+    slimming: BatchNorm |γ|). ``ignored_layers`` keep their output width (default: the last
+    Linear, so the classifier keeps its classes). The teacher is untouched.
+
+    scope: ``"all"`` prunes every coupled channel group, block outputs too, with
+    torch-pruning's dependency graph (ConfigError when it cannot analyse the model);
+    ``"internal"`` prunes only the channels internal to conv chains (``fxkd.students.chains``:
+    block outputs keep their width; works where torch-pruning does not, e.g. ShuffleNet's
+    channel shuffle, RegNet's grouped bottlenecks); ``"auto"`` (default) is ``"all"``, falling
+    back with a warning, when torch-pruning fails, to fxkd's own analysis: the internal chains
+    and the block outputs: residual streams (``fxkd.students.streams``: joined only by adds and
+    per-channel ops, e.g. RegNet's stages) and routing regions (``fxkd.students.lanes``:
+    concatenations, chunks and channel shuffles, e.g. ShuffleNet's stages); block outputs that
+    meet both an add and a routing op, or anything else, keep their width."""
+    if not 0.0 <= ratio < 1.0:
+        raise ConfigError(f"ratio={ratio!r} must be in [0, 1)")
+    if importance not in ("l1", "bn"):
+        raise ConfigError(f"importance={importance!r} is not 'l1' or 'bn'")
+    if scope not in SCOPES:
+        raise ConfigError(f"scope={scope!r} is not one of {SCOPES}")
+    if scope == "internal":
+        return _prune_with_fxkd(teacher, ratio, importance, example_inputs, ignored_layers)[0]
+    try:
+        return _prune_all(teacher, ratio, importance, example_inputs, ignored_layers)
+    except TorchPruningError as exc:
+        if scope == "all":
+            raise
+        student, streams = _prune_with_fxkd(
+            teacher, ratio, importance, example_inputs, ignored_layers, streams=True
+        )
+        log.warning(
+            "%s; pruned it with fxkd's own coupling analysis instead: the internal channels of "
+            "its conv chains and %d residual stream(s) or routing region(s) of block outputs "
+            "(fxkd.students.streams, fxkd.students.lanes; other block outputs keep their width)",
+            str(exc).split(". Hint")[0],
+            streams,
+        )
+        return student
+
+
+def _prune_with_fxkd(
+    teacher, ratio, importance, example_inputs, ignored_layers, streams: bool = False
+) -> tuple[nn.Module, int]:
+    """``scope="internal"``: ``chains`` on a copy (and, with ``streams``, then the block
+    outputs: the residual streams of ``streams`` and the routing regions of ``lanes``);
+    maps recorded like ``_prune_all``. Returns the student and the number of streams and
+    regions pruned."""
+
+    student = copy.deepcopy(teacher).eval()
+    copies = dict(student.named_modules())
+    names = {m: n for n, m in teacher.named_modules()}
+    ignored = tuple(copies[names[m]] for m in (ignored_layers or []))
+    maps = prune_chains(student, ratio, importance, ignored)
+    pruned = []
+    if streams:
+        stream_maps, pruned = prune_streams(student, ratio, example_inputs, importance, ignored)
+        maps.update(stream_maps)
+        skip = set(maps) | {n for n, m in student.named_modules() if m in ignored}
+        student, lane_maps, regions = _with_lanes(student, ratio, example_inputs, importance, skip)
+        maps.update(lane_maps)
+        pruned += regions
+    if not maps:
+        raise ConfigError(
+            f"{type(teacher).__name__} has no internal conv chain to prune (conv -> [BN, "
+            "activation, depthwise conv] -> conv with one user at every step). Hint: prune it "
+            "with another tool; compress infers the kept channels or takes channel_maps="
+        )
+    try:
+        with torch.no_grad():
+            student(example_inputs)
+    except Exception as exc:  # a chain rule met a layer it does not model
+        raise ConfigError(
+            f"the internally pruned {type(teacher).__name__} fails on example_inputs "
+            f"({type(exc).__name__}: {exc}). Hint: pass the chain's layers as ignored_layers"
+        ) from exc
+    setattr(student, CHANNEL_MAPS_ATTR, maps)
+    return student, len(pruned)
+
+
+def _with_lanes(student, ratio, example_inputs, importance, skip):
+    """fxkd.students.lanes on a copy of ``student``; the copy only when the analysis succeeds and
+    the result runs on ``example_inputs``, else ``student`` as it was (a warning says why)."""
+
+    candidate = copy.deepcopy(student)
+    try:
+        maps, regions = prune_lanes(candidate, ratio, example_inputs, importance, skip)
+        with torch.no_grad():
+            candidate(example_inputs)
+    except Exception as exc:  # an op the tag run does not model: block outputs keep width
+        log.warning(
+            "fxkd.students.lanes could not prune the routed block outputs (%s: %s); they keep "
+            "their width",
+            type(exc).__name__,
+            exc,
+        )
+        return student, {}, []
+    return candidate, maps, regions
+
+
+def _prune_all(teacher, ratio, importance, example_inputs, ignored_layers) -> nn.Module:
+    """``scope="all"``: torch-pruning's coupled groups, fxkd's scores and kept indices."""
+    import torch_pruning as tp
+
+    student = copy.deepcopy(teacher).eval()
+    names = {m: n for n, m in student.named_modules()}
+    if ignored_layers is None:
+        ignored = [m for m in student.modules() if isinstance(m, nn.Linear)][-1:]
+    else:  # the user names teacher modules: ignore their copies in the student
+        teacher_names = {m: n for n, m in teacher.named_modules()}
+        copies = dict(student.named_modules())
+        ignored = [copies[teacher_names[m]] for m in ignored_layers]
+    try:
+        graph = tp.DependencyGraph().build_dependency(student, example_inputs=example_inputs)
+    except Exception as exc:  # torch-pruning's tracer meets an op it cannot map
+        raise TorchPruningError(
+            f"torch-pruning could not analyse {type(teacher).__name__}'s channel dependencies "
+            f"({type(exc).__name__}: {exc}). Hint: prune it with another tool; compress infers "
+            "the kept channels from the BatchNorms or takes channel_maps="
+        ) from exc
+    maps: dict[str, list[int]] = {}
+    for group in list(
+        graph.get_all_groups(ignored_layers=ignored, root_module_types=[*CONV_TYPES, nn.Linear])
+    ):
+        scores = _importance(group, importance)
+        n_prune = min(math.floor(len(scores) * ratio), len(scores) - 1)
+        if n_prune <= 0:
+            continue
+        root = group[0].dep
+        order = scores.argsort()[:n_prune]
+        root_idxs = [group[0].idxs[int(i)] for i in order]
+        pruning = graph.get_pruning_group(root.target.module, root.handler, root_idxs)
+        if not graph.check_pruning_group(pruning):
+            log.info("group of %s cannot be pruned; kept", names.get(root.target.module))
+            continue
+        for dep, idxs in pruning:
+            layer = dep.target.module
+            if isinstance(layer, (*CONV_TYPES, nn.Linear)) and dep.handler in (
+                tp.prune_conv_out_channels,
+                tp.prune_depthwise_conv_out_channels,
+                tp.prune_linear_out_channels,
+            ):
+                width = layer.weight.shape[0]
+                removed = set(int(i) for i in idxs)
+                maps[names[layer]] = [c for c in range(width) if c not in removed]
+        try:
+            pruning.prune()
+        except Exception as exc:  # torch-pruning's index bookkeeping fails on this group
+            raise TorchPruningError(
+                f"torch-pruning could not prune the channel group of "
+                f"{names.get(root.target.module, '?')} in {type(teacher).__name__} "
+                f"({type(exc).__name__}: {exc}). Hint: prune it with another tool; compress "
+                "infers the kept channels from the BatchNorms or weights, or takes channel_maps="
+            ) from exc
+    setattr(student, CHANNEL_MAPS_ATTR, maps)
+    return student
