@@ -195,12 +195,12 @@ def test_channel_mixing_activations_keep_their_width_and_flatten_routes():
 def test_a_failing_lane_analysis_leaves_the_fallback_student_as_it_was(monkeypatch, caplog):
     """prune's fallback never breaks on the lane analysis: when it raises, the block outputs
     keep their width, the rest of the fallback stands and a warning says why."""
-    import fxkd.students.lanes
+    import fxkd.students.pruning
 
     def broken(*args, **kwargs):
         raise RuntimeError("an op the tag run does not model")
 
-    monkeypatch.setattr(fxkd.students.lanes, "prune_lanes", broken)
+    monkeypatch.setattr(fxkd.students.pruning, "prune_lanes", broken)
     teacher = _shufflenet()
     with caplog.at_level("WARNING"):
         student = prune(teacher, 0.5, example_inputs=torch.randn(2, 3, 32, 32))
