@@ -1,5 +1,5 @@
 """``fxkd.compress``: the whole pipeline in one call. Orchestration only: the graph surgery lives
-in the passes, the algebra in fxkd.fold / fxkd.lstsq."""
+in the passes, the algebra in fxkd.solve.fold / fxkd.solve.normal."""
 
 from __future__ import annotations
 
@@ -14,17 +14,17 @@ import torch.fx as fx
 from torch import nn
 
 from fxkd.align import Alignment, align
+from fxkd.capture import trace
 from fxkd.config import CompressConfig
 from fxkd.data import take_samples
 from fxkd.errors import ConfigError
-from fxkd.memory import MemoryEstimate
 from fxkd.onnx import ValidationReport, export_onnx_counted, exported_elements, validate_onnx
 from fxkd.passes import CalibrateAdapters, FoldAdapters, FoldBatchNorm, InsertAdapters
+from fxkd.passes.memory import MemoryEstimate
 from fxkd.placement import module_device, module_dtype, to_module
 from fxkd.polish import polish
 from fxkd.report import BlockRow, Report
 from fxkd.students import channel_maps_of
-from fxkd.trace import trace
 
 __all__ = ["CompressResult", "compress"]
 
@@ -39,7 +39,7 @@ class CompressResult:
     report: the per-block table (``print(result.report)``).
     onnx: the onnxruntime validation report when ``onnx=`` was given, else None.
     alignment: which student sites were paired with which teacher points.
-    memory: calibration's memory estimate, checked before it ran (``fxkd.memory``).
+    memory: calibration's memory estimate, checked before it ran (``fxkd.passes.memory``).
     """
 
     model: fx.GraphModule
@@ -180,11 +180,6 @@ def _report(alignment, insert, calibrate, fold, adapter_of, cfg, num_samples) ->
             notes.append(
                 f"underdetermined: {rec.rows} rows for {rec.unknowns} unknowns per "
                 "output, the ridge keeps it near the student as given"
-            )
-        if rec.conditioning is not None and rec.conditioning.ill:
-            notes.append(
-                f"ill-conditioned features, {rec.conditioning}: the ridge holds the "
-                "undetermined directions at the student as given"
             )
         report.rows.append(
             BlockRow(

@@ -39,7 +39,10 @@ def test_dead_and_duplicated_channels_are_flagged_and_solved(mode):
     expected = (8, 1, 1) if mode == "pointwise" else (27, 9, 9)
     assert (cond.features, cond.dead, cond.dependent) == expected, str(result.report)
     assert cond.ill and cond.rank == expected[0] - expected[1] - expected[2]
-    assert "ill-conditioned features" in rows[0].note and "ill-conditioned" in str(result.report)
+    text = str(result.report)
+    rank = f"{cond.rank}/{cond.features}*"
+    assert rank in text.splitlines()[3].split(), text  # on the site's row, marked ill
+    assert "sites have ill-conditioned features" in text and "ill-conditioned" not in rows[0].note
     for r in rows:
         assert r.err_after <= r.err_before * (1 + 1e-3) + 1e-6, r
     with torch.no_grad():
@@ -82,3 +85,29 @@ def test_very_small_and_very_large_activations(scale):
         assert b.conditioning.rank == a.conditioning.rank
         assert b.err_after <= b.err_before * (1 + 1e-3) + 1e-6
     assert all(torch.isfinite(p).all() for p in scaled.model.parameters())
+
+
+def test_report_summarises_many_ill_conditioned_sites():
+    """A report of many flagged sites stays a table plus one summary line, not a note per site;
+    more than MAX_NOTES other notes are counted by kind."""
+    from fxkd.report import MAX_NOTES, BlockRow, Report
+    from fxkd.solve import Conditioning
+
+    report = Report("mirror", "kernel", 32)
+    for i in range(40):
+        cond = Conditioning(features=64, dead=i % 3, dependent=1, condition=1e8)
+        report.rows.append(BlockRow(f"conv{i}", f"conv{i}", "32/64", f"a{i}", 0.5, 0.5, 0.1,
+                                    True, conditioning=cond))  # fmt: skip
+    for i in range(MAX_NOTES + 5):
+        report.rows.append(BlockRow(f"x{i}", None, "-", note=f"skipped: reason {i}"))
+    report.rows.append(BlockRow("y0", None, "-", note="skipped: reason 0"))
+    lines = str(report).splitlines()
+    summary = [ln for ln in lines if "ill-conditioned" in ln]
+    assert len(summary) == 1 and summary[0].startswith("40 of 40 sites"), summary
+    assert "39 dead and 40 dependent" in summary[0]
+    notes = lines[lines.index("notes:") + 1 :]
+    assert notes[0] == "  2 sites (x0, y0): skipped: reason 0", notes
+    assert len(notes) == MAX_NOTES + 1 and notes[-1].strip().startswith(
+        "... 5 more sites (5 skipped)"
+    )
+    assert len(lines) == 3 + 40 + MAX_NOTES + 6 + 1 + 1 + MAX_NOTES + 1
