@@ -16,7 +16,7 @@ On a noisy shared machine separate processes (even alternated) misled us; altern
 variants inside one process, and which one goes first in each round, held up. Both variants run
 the same teacher, student and samples; the per-point errors after the solve are compared, so a
 speed-up that changes the results shows. Only ``passes/calibrate.py`` and the modules of the
-normal equations (``REVISED``: lstsq, patches, displaced, narrow, projection) are taken from
+normal equations (``REVISED``: the fxkd.solve modules) are taken from
 the revision (the rest is the working tree's): use it for changes confined to them.
 """
 
@@ -71,6 +71,9 @@ REVISED = (
     "fxkd/solve/patches.py",
     "fxkd/solve/displaced.py",
     "fxkd/solve/narrow.py",
+    "fxkd/solve/products.py",
+    "fxkd/solve/ridge.py",
+    "fxkd/solve/conditioning.py",
     "fxkd/solve/normal.py",
     "fxkd/solve/projection.py",
     "passes/calibrate.py",

@@ -179,7 +179,7 @@ class Geometry:
             for s, d in self.strips.items()
         )
         displaced = len(self.half) * hf * wf + strips + taps * hf * wf
-        panels = 5 / 8 if taps * MIN_CHANNELS >= 128 else 1.0  # NormalEquations._panels
+        panels = 5 / 8 if taps * MIN_CHANNELS >= 128 else 1.0  # CentredProducts.panels
         return displaced / (panels * taps * taps * length + taps * length)
 
 

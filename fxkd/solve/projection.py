@@ -18,8 +18,8 @@ from __future__ import annotations
 import torch.fx as fx
 from torch import nn
 
-from fxkd.solve.normal import SYMMETRIC_PANELS_FROM
 from fxkd.solve.patches import conv_padding
+from fxkd.solve.products import SYMMETRIC_PANELS_FROM
 
 __all__ = ["MAX_COST_SHARE", "producer_input"]
 

@@ -107,7 +107,7 @@ def test_eigenvalues_below_a_threshold_are_counted_without_an_eigensolver():
     """The inertia of a Bunch–Kaufman LDLᵀ of S − τI counts S's eigenvalues below τ: the same
     count as eigvalsh on rank-deficient correlation matrices with rounding-size noise (which
     makes them indefinite: the case the Cholesky diagnosis cannot factor)."""
-    from fxkd.solve.normal import DEPENDENT_PIVOT, _count_below, _diagnose
+    from fxkd.solve.conditioning import DEPENDENT_PIVOT, count_below, diagnose_correlation
 
     g = torch.Generator().manual_seed(0)
     indefinite = 0
@@ -119,10 +119,10 @@ def test_eigenvalues_below_a_threshold_are_counted_without_an_eigensolver():
         corr = s * d[..., :, None] * d[..., None, :]
         eig = torch.linalg.eigvalsh(corr)
         want = int((eig.clamp_min(0) < DEPENDENT_PIVOT).sum())
-        assert _count_below(corr.clone(), DEPENDENT_PIVOT) == want  # both overwrite their input
-        assert _diagnose(corr.clone())[0] == want
+        assert count_below(corr.clone(), DEPENDENT_PIVOT) == want  # both overwrite their input
+        assert diagnose_correlation(corr.clone())[0] == want
         for tau in (1e-3, 0.5, 2.0):
-            assert _count_below(corr.clone(), tau) == int((eig < tau).sum())
+            assert count_below(corr.clone(), tau) == int((eig < tau).sum())
         indefinite += bool((eig.amin(-1) < 0).any())
     assert indefinite >= 3  # the fallback was exercised, not only the Cholesky path
 
@@ -134,7 +134,7 @@ def test_dependent_counts_null_directions_not_small_pivots():
     count is the eigenvalues', whichever order the features come in and whether the
     factorization succeeds or not: on one CPU the exactly dependent version of this (b = 0)
     made it succeed and count 2, on another fail and count 1."""
-    from fxkd.solve.normal import DEPENDENT_PIVOT, _diagnose
+    from fxkd.solve.conditioning import DEPENDENT_PIVOT, diagnose_correlation
 
     g = torch.Generator().manual_seed(3)
     z = torch.randn(4000, 5, dtype=torch.float64, generator=g)
@@ -145,19 +145,21 @@ def test_dependent_counts_null_directions_not_small_pivots():
     for order in ([0, 1, 2, 3, 4], [0, 2, 1, 3, 4], [1, 2, 0, 4, 3], [4, 2, 1, 0, 3]):
         corr = torch.corrcoef(features[:, order].T)[None]
         assert int((torch.linalg.eigvalsh(corr) < DEPENDENT_PIVOT).sum()) == 1
-        assert _diagnose(corr.clone())[0] == 1
+        assert diagnose_correlation(corr.clone())[0] == 1
     corr = torch.corrcoef(features.T)[None]
     chol, info = torch.linalg.cholesky_ex(corr)
     pivots = torch.diagonal(chol, dim1=-2, dim2=-1).square()
     assert int(info) == 0 and int((pivots < DEPENDENT_PIVOT).sum()) == 2 and pivots.min() > 1e-8
-    below, smallest = _diagnose(corr.clone())  # the factorization succeeds here: its route
+    below, smallest = diagnose_correlation(
+        corr.clone()
+    )  # the factorization succeeds here: its route
     assert below == 1 and 1e-8 < smallest < DEPENDENT_PIVOT  # the condition bound: a pivot
 
 
 @pytest.mark.cuda
 def test_eigenvalue_count_on_the_gpu_equals_the_cpus():
     """cuSOLVER's LDLᵀ (sytrf) follows LAPACK's pivot convention: the same inertia."""
-    from fxkd.solve.normal import DEPENDENT_PIVOT, _count_below
+    from fxkd.solve.conditioning import DEPENDENT_PIVOT, count_below
 
     if not torch.cuda.is_available():
         pytest.skip("needs CUDA")
@@ -168,8 +170,8 @@ def test_eigenvalue_count_on_the_gpu_equals_the_cpus():
     d = torch.diagonal(s, dim1=-2, dim2=-1).rsqrt()
     corr = s * d[..., :, None] * d[..., None, :]
     want = int((torch.linalg.eigvalsh(corr).clamp_min(0) < DEPENDENT_PIVOT).sum())
-    on_gpu = _count_below(corr.cuda(), DEPENDENT_PIVOT)
-    assert on_gpu == _count_below(corr.clone(), DEPENDENT_PIVOT) == want
+    on_gpu = count_below(corr.cuda(), DEPENDENT_PIVOT)
+    assert on_gpu == count_below(corr.clone(), DEPENDENT_PIVOT) == want
 
 
 _CONVS = {1: torch.nn.Conv1d, 2: torch.nn.Conv2d, 3: torch.nn.Conv3d}
@@ -265,7 +267,7 @@ def test_fp32_patches_keep_the_spread_not_the_mean(route, monkeypatch):
             else:
                 eqs.update_patches(xs, module, ys)
         errors[name] = float((centred(eqs) - centred(exact)).norm() / centred(exact).norm())
-    assert (eqs._displaced is not None) == (route == "displaced")  # the route under test
+    assert eqs.route == ("displaced" if route == "displaced" else "patches")  # the route under test
     assert errors["patches"] < 1e-5, errors
     assert errors["patches"] < 3 * errors["blocks"] + 1e-7, errors
 
@@ -295,7 +297,8 @@ def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
 def test_small_systems_sum_accurately_over_long_row_streams(features):
     """fp32 ReLU features, 2^17 rows in one update: the sums are within 1e-6 of fp64 ones. CPU
     BLAS summed such narrow fp32 products in one long chain (2e-5 off at 8 features with MKL,
-    3e-7 from 12 features up), so systems under SMALL_FEATURES sum chains of CHAIN rows."""
+    3e-7 from 12 features up), so systems under CentredProducts.SMALL_FEATURES sum chains
+    of CHAIN rows."""
     g = torch.Generator().manual_seed(0)
     x = torch.randn(1, 1 << 17, features, generator=g).relu()
     y = torch.randn(1, 1 << 17, 3, generator=g) + x[..., :1]
