@@ -42,12 +42,10 @@ from fxkd.solve.patches import conv_padding
 __all__ = ["DisplacedProducts", "Geometry", "displaced_products_fit", "displaced_products_pay"]
 
 DEVICES = ("cpu",)
-"""Where the displaced products are used by default: measured faster on a 2-core CPU. On an
-H200 (``python -m examples.benchmarks.bench_displaced --device cuda
---samples 512``) they took 0.44–0.78× the
-direct route's time on resnet18's convs with twice as many input as output channels, 0.91–1.13×
-on those with half, and 1.2–3.4× longer at 16–64 channels on 8–32 px: "cuda" waits for an
-end-to-end A/B on one GPU with a rule for it (from about 64 channels per group)."""
+"""Where the displaced products are used by default: where they measured faster than the
+direct patch Gram. On a GPU they win on wide convs and lose on narrow, small ones, so "cuda"
+waits for an end-to-end A/B with a rule for it (docs/performance.md has the measurements;
+``python -m examples.benchmarks.bench_displaced`` takes them)."""
 
 MIN_CHANNELS = 16
 """Channels per group from which the displaced products are used: below it their C×C GEMMs are
@@ -55,8 +53,7 @@ too small to run near the machine's rate, and the direct k²C-feature product is
 
 MIN_VALUES = 1 << 14
 """Input values per sample and group from which they are used: on smaller inputs their many
-small products cost more than they save (2-core CPU: 0.74–0.85× the direct time at 32×32 with
-16–32 channels, 1.1× at 16×16 with 32; 0.56× at 14×14 with 256)."""
+small products cost more than they save (measured on a CPU: docs/performance.md)."""
 
 FRAME_ELEMENTS = 1 << 20
 """Input values a frame holds before its products are taken (4 MiB in fp32)."""
@@ -218,7 +215,7 @@ class DisplacedProducts:
         more samples: multiplied out first when full. Their padding is zeroed once; only image
         parts are written after. The capacity holds about FRAME_ELEMENTS input values: the
         products' inner dimension is long enough for the GEMMs to run near the machine's rate
-        (a 2-sample frame ran 56×56 products at 0.6–0.7× the speed of a 16-sample one)."""
+        (short frames run the same products markedly slower)."""
         geo = self.geometry
         size = math.prod(geo.frame)
         if self._buffers is None or self._buffers[0].shape[-1] < 2 * geo.lead + n * size:
