@@ -8,6 +8,7 @@ import onnx
 import onnxruntime as ort
 import pytest
 import torch
+import torch.nn.functional as F
 from onnx import helper, numpy_helper
 from torch import nn
 
@@ -162,3 +163,29 @@ def test_exported_adapter_student_folds_to_the_fx_folded_student(optimize, tmp_p
         np.testing.assert_allclose(
             _run(folded, x), expected(torch.from_numpy(x)).numpy(), rtol=1e-4, atol=1e-4
         )
+
+
+@pytest.mark.parametrize("optimize", [False, True])
+def test_a_reshaped_weight_above_the_constant_folding_limit_still_folds(optimize, tmp_path):
+    """An adapter computes its 1×1 kernel as ``weight.reshape(...)``: ONNX exports a Reshape of
+    the initializer, which onnxscript's constant folding skips above 8,192 elements (a 96×96
+    adapter has 9,216). fold_adapters folds such layout ops of weights itself, so the pair
+    still becomes one Conv."""
+
+    class ReshapedAdapter(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv = nn.Conv2d(8, 96, 3, padding=1)
+            self.weight = nn.Parameter(torch.randn(96, 96) / 10)
+            self.bias = nn.Parameter(torch.randn(96))
+
+        def forward(self, x):
+            y = self.conv(x)
+            return torch.relu(F.conv2d(y, self.weight.reshape(96, 96, 1, 1), self.bias))
+
+    torch.manual_seed(0)
+    model = _export(ReshapedAdapter(), (8, 6, 6), tmp_path, optimize=optimize)
+    assert _ops(model).count("Conv") == 2 and "Reshape" in _ops(model)
+    x = np.random.default_rng(0).standard_normal((3, 8, 6, 6), np.float32)
+    folded = _fold_and_compare(model, x)
+    assert _ops(folded).count("Conv") == 1 and "Reshape" not in _ops(folded)

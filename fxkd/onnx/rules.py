@@ -225,6 +225,17 @@ def _gemm_bias(gemm: ir.Node, out: int) -> np.ndarray:
     return np.zeros(out) if b is None else np.broadcast_to(_const(b), (out,)).astype(np.float64)
 
 
+_LAYOUT_OPS = frozenset({"Reshape", "Identity", "Squeeze", "Unsqueeze", "Transpose", "Flatten"})
+
+
+def _fold_weight_layout(node: ir.Node) -> bool | None:
+    """Constant-fold a layout op of initializers whatever its size (None: the default rule,
+    which skips inputs over onnxscript's size limit, e.g. a 96×96 adapter weight)."""
+    if node.op_type in _LAYOUT_OPS and all(v is None or _const(v) is not None for v in node.inputs):
+        return True
+    return None
+
+
 def fold_rules() -> pattern.RewriteRuleSet:
     """The rules, for use in an onnxscript rewrite pipeline of one's own."""
     return pattern.RewriteRuleSet(
@@ -244,7 +255,9 @@ def fold_adapters(model: Model) -> Model:
     nodes and initializers go afterwards."""
     proto = isinstance(model, onnx.ModelProto)
     work = ir.serde.deserialize_model(model if proto else ir.serde.serialize_model(model))
-    optimizer.fold_constants(work)  # e.g. an unoptimised export's computed zero biases
+    # e.g. an unoptimised export's computed zero biases; layout ops on weights (an adapter's
+    # ``weight.reshape``) always, whatever their size: the rules need the weights constant
+    optimizer.fold_constants(work, should_fold=_fold_weight_layout)
     count = fold_rules().apply_to_model(work)
     work = common_passes.RemoveUnusedNodesPass()(work).model
     log.info("fold_adapters: %d pointwise maps folded", count)
