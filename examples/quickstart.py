@@ -6,7 +6,7 @@ half its filters (block outputs kept), which wrecks its features. ``fxkd.compres
 from 256 unlabelled samples in closed form, folds the adapters away (same parameter count) and
 validates the ONNX export with onnxruntime.
 
-    python examples/quickstart.py [--mode kernel|pointwise] [--onnx student.onnx]
+    python -m examples.quickstart [--mode kernel|pointwise] [--onnx student.onnx]
 """
 
 from __future__ import annotations
