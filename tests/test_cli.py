@@ -28,7 +28,7 @@ def test_demo_recovers_the_pruned_student():
     }
     assert set(accs) == {"teacher", "student as pruned", "fxkd kernel     recovered"}, text
     assert accs["fxkd kernel     recovered"] > accs["student as pruned"] + 5, text
-    assert "fxkd report: kernel mode, mirror alignment, 100 samples" in text
+    assert "fxkd report: kernel mode, mirror alignment, fx capture, 100 samples" in text
 
 
 def test_bad_arguments_exit_non_zero_with_a_reason():
@@ -90,7 +90,7 @@ def test_compress_and_validate_commands(tmp_path):
         str(tmp_path / "out"),
     )
     assert out.returncode == 0, out.stderr
-    assert "fxkd report: kernel mode, mirror alignment, 64 samples" in out.stdout
+    assert "fxkd report: kernel mode, mirror alignment, fx capture, 64 samples" in out.stdout
     assert "ONNX validation passed" in out.stdout
     assert (tmp_path / "out" / "student.pt").exists()
     out = _fxkd(
