@@ -193,6 +193,7 @@ def _report(alignment, insert, calibrate, fold, adapter_of, cfg, num_samples) ->
                 folded=reason is None,
                 note="; ".join(notes),
                 conditioning=rec.conditioning,
+                relaxed=rec.relaxed,
             )
         )
     for s in alignment.skipped:

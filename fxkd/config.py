@@ -52,6 +52,12 @@ class CompressConfig:
             offloading); default: what the device reports free. A calibration whose estimate
             (``fxkd.passes.memory.estimate``) exceeds it stops before any work, with the options
             that would make it fit.
+        relax_rounds: rounds of targets relaxed through the nonlinearity that reads a point
+            (``fxkd.solve.relax``): where only a ReLU (ReLU6, hardtanh) reads the point, rows
+            the teacher clamps need the student clamped too, not equal; each round re-solves
+            the same least squares against the closest such targets, which can only lower the
+            error after the nonlinearity's bound. Errors at such points are reported after the
+            nonlinearity. 0: plain least squares on the pre-activation (the paper's).
         polish_steps: after the closed form, this many steps of the label-free gradient polish
             (``fxkd.polish``: Adam on the teacher-normalised squared error at every aligned
             point, BatchNorm frozen; shapes unchanged). 0 (default): closed form only. The
@@ -75,6 +81,7 @@ class CompressConfig:
     offload: bool = False
     subsample: float = 1.0
     memory_limit: int | None = None
+    relax_rounds: int = 3
     polish_steps: int = 0
     polish_lr: float = 1e-3
     progress: bool = True
@@ -98,6 +105,8 @@ class CompressConfig:
             isinstance(self.memory_limit, int) and self.memory_limit > 0
         ):
             raise ConfigError(f"memory_limit={self.memory_limit!r} must be a positive byte count")
+        if not (isinstance(self.relax_rounds, int) and self.relax_rounds >= 0):
+            raise ConfigError(f"relax_rounds={self.relax_rounds!r} must be an int >= 0")
         if not (isinstance(self.polish_steps, int) and self.polish_steps >= 0):
             raise ConfigError(f"polish_steps={self.polish_steps!r} must be an int >= 0")
         if not self.polish_lr > 0:

@@ -16,6 +16,7 @@ __all__ = [
     "add_operands",
     "affine_module",
     "channel_step",
+    "clamp_bounds",
     "eval_batchnorm",
     "in_place_operand",
     "is_elementwise_nonlinearity",
@@ -331,3 +332,37 @@ def undo_steps(gm: fx.GraphModule, steps: list[fx.Node], value: torch.Tensor) ->
         elif scale is not None:
             value = value / scale.to(value)
     return value
+
+
+def _clamp_of(gm: fx.GraphModule, node: fx.Node) -> tuple[float, float] | None:
+    """(lo, hi) of a clamp-like nonlinearity ``min(max(z, lo), hi)``, None for any other op."""
+    inf = float("inf")
+    if node.op == "call_module":
+        m = gm.get_submodule(str(node.target))
+        if type(m) is nn.ReLU:
+            return 0.0, inf
+        if isinstance(m, nn.Hardtanh):  # ReLU6 is Hardtanh(0, 6)
+            return float(m.min_val), float(m.max_val)
+        return None
+    if node.op == "call_function" and node.target in (F.relu, torch.relu, torch.relu_):
+        return 0.0, inf
+    if node.op == "call_function" and node.target is F.relu6:
+        return 0.0, 6.0
+    if node.op == "call_function" and node.target is F.hardtanh:
+        lo = node.kwargs.get("min_val", node.args[1] if len(node.args) > 1 else -1.0)
+        hi = node.kwargs.get("max_val", node.args[2] if len(node.args) > 2 else 1.0)
+        return (float(lo), float(hi)) if all(isinstance(v, int | float) for v in (lo, hi)) else None
+    if node.op == "call_method" and node.target in ("relu", "relu_"):
+        return 0.0, inf
+    return None
+
+
+def clamp_bounds(gm: fx.GraphModule, node: fx.Node) -> tuple[float, float] | None:
+    """(lo, hi) when every reader of ``node`` applies the same clamp-like nonlinearity to it
+    (ReLU, ReLU6, hardtanh) as its input: then only the clamped value of ``node`` is seen
+    downstream. None when any reader sees the value itself (a skip connection, an output)."""
+    users = list(node.users)
+    bounds = {_clamp_of(gm, u) if u.args and u.args[0] is node else None for u in users}
+    if not users or len(bounds) != 1 or None in bounds:
+        return None
+    return bounds.pop()

@@ -20,7 +20,10 @@ class BlockRow:
     Errors are relative squared errors ``Σ||y_t − y_s||² / Σ||y_t||²`` at the matched point on
     the calibration samples: ``err_given`` for the student as given, ``err_after`` after.
     ``conditioning`` says how well the samples determined the solve (``.ill`` flags it; the
-    table's ``rank`` column shows it, a ``*`` marking an ill-conditioned site)."""
+    table's ``rank`` column shows it, a ``*`` marking an ill-conditioned site). ``relaxed``:
+    the clamp (lo, hi) of the nonlinearity that alone reads the point, when the solve fitted
+    what it passes on (``CompressConfig.relax_rounds``); the errors are then measured after
+    it."""
 
     student: str
     teacher: str | None
@@ -32,6 +35,7 @@ class BlockRow:
     folded: bool = False
     note: str = ""
     conditioning: Conditioning | None = None
+    relaxed: tuple[float, float] | None = None
 
 
 @dataclass
@@ -123,6 +127,10 @@ class Report:
             lines.append("  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip())
             if k == 0:
                 lines.append("  ".join("-" * w for w in widths))
+        relaxed = sum(r.relaxed is not None for r in self.calibrated)
+        if relaxed:
+            lines.append(f"{relaxed} of {len(self.calibrated)} points are read only through a "
+                         "ReLU-like clamp: fitted and measured after it")  # fmt: skip
         summary = self.conditioning_summary()
         if summary:
             lines.append(summary)

@@ -35,7 +35,7 @@ from tqdm.auto import tqdm
 from fxkd.capture import eval_mode, trace
 from fxkd.config import CompressConfig
 from fxkd.errors import CalibrationError
-from fxkd.nodes import redo_steps, undo_steps
+from fxkd.nodes import clamp_bounds, redo_steps, undo_steps
 from fxkd.passes.memory import MemoryEstimate, check_fits
 from fxkd.passes.memory import estimate as estimate_memory
 from fxkd.placement import full_precision, module_device, module_dtype
@@ -43,6 +43,7 @@ from fxkd.solve.fold import compose_pointwise, effective_affine
 from fxkd.solve.normal import Conditioning, NormalEquations, all_reduce_sum
 from fxkd.solve.patches import blocks, patch_blocks
 from fxkd.solve.projection import producer_input
+from fxkd.solve.relax import relaxed_targets
 
 from .adapter import KernelAdapter, PointwiseAdapter, adapter_points
 from .base import FxkdPass
@@ -60,7 +61,9 @@ class SiteRecord:
 
     err_given: the student as given; err_before: this site with an identity adapter, fed by the
     already-corrected student; err_after: after the solve. conditioning: how well the samples
-    determine the solve (dead/dependent features, condition bound; ``.ill`` flags trouble)."""
+    determine the solve (dead/dependent features, condition bound; ``.ill`` flags trouble).
+    relaxed: the clamp (lo, hi) the targets were relaxed through, and the errors measured
+    after it; None when the point's own value was fitted."""
 
     adapter: str
     err_given: float | None
@@ -70,6 +73,7 @@ class SiteRecord:
     unknowns: int
     solved_as: str = ""
     conditioning: Conditioning | None = None
+    relaxed: tuple[float, float] | None = None
 
 
 @dataclass
@@ -331,10 +335,16 @@ class CalibrateAdapters(FxkdPass):
                     sample_rows,
                     m.kernel_unknowns(),
                 )
+        bounds = clamp_bounds(student.gm, point) if self.config.relax_rounds else None
         if len(members) == 1 or all(m.groups == 1 for m in members):
             rows_seen, unknowns, cond, identity = self._solve_jointly(
-                student, members, residual_node, targets, steps
+                student, members, residual_node, targets, steps, bounds=bounds
             )
+            for _ in range(self.config.relax_rounds if bounds is not None else 0):
+                relaxed = self._relaxed_targets(student, members, residual_node, targets, steps,
+                                                bounds)  # fmt: skip
+                self._solve_jointly(student, members, residual_node, relaxed, steps,
+                                    identity=False)  # fmt: skip
         else:  # residual add of grouped producers: block-coordinate descent over the members
             rows_seen = unknowns = 0
             conds, identity = [], None
@@ -342,12 +352,13 @@ class CalibrateAdapters(FxkdPass):
                 others = [o for o in members if o is not m]
                 rows_seen, u, c, sums = self._solve_jointly(
                     student, [m], residual_node, targets, steps, extra=others,
-                    identity=identity is None,
+                    identity=identity is None, bounds=None,
                 )  # fmt: skip
                 identity = sums if identity is None else identity
                 unknowns += u
                 conds.append(c)
             cond = Conditioning.combine(conds)
+            bounds = None  # (grouped members at an add: fitted before the nonlinearity)
         err_before, energy = _ratio(identity)
         for m in members:
             pending.discard(m.node)
@@ -362,11 +373,11 @@ class CalibrateAdapters(FxkdPass):
             student.run_node(step)
         if point not in own:
             student.run_node(point)
-        err_after = _rel_error(student.value(point), targets, energy)
+        err_after = _rel_error(student.value(point), targets, energy, bounds)
         err_given = None
         if reference is not None:
             r_node = next(n for n in reference.nodes if n.name == pair.site.point)
-            err_given = _rel_error(reference.run_through(r_node), targets, energy)
+            err_given = _rel_error(reference.run_through(r_node), targets, energy, bounds)
             reference.unpin(r_node)
         for m in members:
             self.records[str(m.node.target)] = SiteRecord(
@@ -378,16 +389,32 @@ class CalibrateAdapters(FxkdPass):
                 unknowns,
                 "pointwise" if m.pointwise else "kernel",
                 cond,
+                bounds,
             )
         log.debug("%s: rel err %.4g -> %.4g", point.name, err_before, err_after)
 
+    def _relaxed_targets(self, student, members, residual_node, targets, steps, bounds):
+        """The feasible targets closest to the point's current value (``fxkd.solve.relax``),
+        chunk by chunk: the members' adapters (as solved so far) on their held inputs,
+        through the seen-through steps, plus the residual."""
+        relaxed = []
+        for i, t in enumerate(targets):
+            v = sum(m.module(*[student.chunk(a, i) for a in m.node.args]) for m in members)
+            value = redo_steps(student.gm, steps, v).to(t)
+            if residual_node is not None:
+                value = value + student.chunk(residual_node, i).to(t)
+            relaxed.append(relaxed_targets(t, value, *bounds))
+        return relaxed
+
     def _solve_jointly(
-        self, student, members, residual_node, targets, steps, extra=(), identity=True
-    ):
+        self, student, members, residual_node, targets, steps, extra=(), identity=True,
+        bounds=None,
+    ):  # fmt: skip
         """One least-squares system over the members' features (concatenated when several).
         With ``identity``, the same sweep also sums the point's error with identity adapters
         (the already-corrected student's input) and the targets' energy Σ||y||², what every
-        error at this point is relative to (returned as ``_accumulate``'s sums, else None).
+        error at this point is relative to (returned as ``_accumulate``'s sums, else None);
+        with clamp ``bounds``, both after the clamp.
 
         The sweep goes over sample slices small enough for a core's cache on a CPU (the whole
         chunk elsewhere), so y − r, the identity difference, the shifted GEMM operands and the
@@ -415,7 +442,12 @@ class CalibrateAdapters(FxkdPass):
                     for m in [*members[1:], *extra]:
                         v = v + student.chunk(m.node.args[0], i)[sl]
                     diff = y - redo_steps(student.gm, steps, v).to(y)
-                    sums = _accumulate(sums, diff, y_target)
+                    if bounds is None:
+                        sums = _accumulate(sums, diff, y_target)
+                    else:  # the value is y_target − diff; both seen through the clamp
+                        seen = y_target.clamp(*bounds)
+                        value = (y_target - diff).clamp(*bounds)
+                        sums = _accumulate(sums, seen - value, seen)
                 for o in extra:  # other members held fixed at their current output
                     y = y - o.module(*[student.chunk(a, i)[sl] for a in o.node.args])
                 y = blocks(undo_steps(student.gm, steps, y), dims, g)
@@ -560,13 +592,23 @@ def _groups(gm: fx.GraphModule) -> dict[fx.Node, list[_Member]]:
     return dict(sorted(groups.items(), key=lambda kv: order[kv[0]]))
 
 
-def _rel_error(values: list[torch.Tensor], targets: list[torch.Tensor], energy: float) -> float:
+def _rel_error(
+    values: list[torch.Tensor],
+    targets: list[torch.Tensor],
+    energy: float,
+    bounds: tuple[float, float] | None = None,
+) -> float:
     """``Σ||y − v||² / energy`` over chunks (and over ranks when torch.distributed runs), with
-    ``energy`` = Σ||y||² (global), measured once per point with the identity error."""
+    ``energy`` = Σ||y||² (global), measured once per point with the identity error; with clamp
+    ``bounds``, of the clamped values (what the nonlinearity reading the point passes on)."""
     sums = None
     for v, y in zip(values, targets, strict=True):
         for sl in _slices(y):
-            sums = _accumulate(sums, y[sl] - v[sl].to(y), None)
+            if bounds is None:
+                sums = _accumulate(sums, y[sl] - v[sl].to(y), None)
+            else:
+                seen, value = y[sl].clamp(*bounds), v[sl].to(y).clamp(*bounds)
+                sums = _accumulate(sums, seen - value, None)
     return float(all_reduce_sum(sums)[0]) / max(energy, 1e-300)
 
 
