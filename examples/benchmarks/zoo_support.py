@@ -6,7 +6,7 @@
 For each case (tests/zoo_cases.py: random init, BatchNorms with non-trivial statistics, 64×64
 inputs, 32 unlabelled samples, kernel mode) it runs fxkd.support.check_support — compress,
 fold, export, onnxruntime validation — and writes examples/benchmarks/results/zoo_support.md; with
---readme it also replaces the table between the README's zoo-support markers.
+--readme it also replaces the table between the zoo-support markers of docs/supported.md.
 """
 
 from __future__ import annotations
@@ -85,7 +85,7 @@ def main() -> None:
     parser.add_argument(
         "--out", type=Path, default=Path(__file__).parent / "results/zoo_support.md"
     )
-    parser.add_argument("--readme", action="store_true", help="update README.md's table too")
+    parser.add_argument("--readme", action="store_true", help="update docs/supported.md's table too")
     parser.add_argument("--no-depth", action="store_true", help="skip the resnet34→18 case")
     parser.add_argument(
         "--merge",
@@ -139,14 +139,14 @@ def main() -> None:
     )
     print(f"\n{table}\n\nwrote {args.out}")
     if args.readme:
-        readme = ROOT / "README.md"
+        readme = ROOT / "docs" / "supported.md"
         text = readme.read_text()
         if START not in text or END not in text:
-            raise SystemExit(f"README.md has no {START} ... {END} markers")
+            raise SystemExit(f"docs/supported.md has no {START} ... {END} markers")
         head, rest = text.split(START, 1)
         _, tail = rest.split(END, 1)
         readme.write_text(f"{head}{START}\n{body}{END}{tail}")
-        print("updated README.md")
+        print("updated docs/supported.md")
 
 
 if __name__ == "__main__":
