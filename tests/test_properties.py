@@ -7,11 +7,15 @@ import copy
 
 import torch
 from hypothesis import given
+from hypothesis import strategies as st
+from torch.utils._pytree import tree_flatten
 
 import fxkd
 from fxkd.align import align
 from fxkd.capture import trace
+from fxkd.errors import ConfigError
 from fxkd.passes import FoldAdapters, InsertAdapters, KernelAdapter, PointwiseAdapter
+from fxkd.students import prune
 
 from models import plant
 from random_nets import RandomNet, input_shape, net_specs
@@ -95,3 +99,21 @@ def test_exported_onnx_validates(spec, tmp_path_factory):
     result = fxkd.compress(teacher, student, torch.randn(32, *shape), onnx=path, progress=False)
     assert result.onnx.passed, result.onnx
     assert result.onnx.same_size
+
+
+@given(spec=net_specs, ratio=st.sampled_from([0.25, 0.5, 0.75]),
+       importance=st.sampled_from(["l1", "bn"]))  # fmt: skip
+def test_pruned_students_compute_the_teachers_output_shapes(spec, ratio, importance):
+    """prune returns a student whose outputs have the teacher's shapes, or refuses with a
+    typed error and a hint; never a student that computes something else."""
+    teacher, shape = _net(spec)
+    x = torch.randn(2, *shape)
+    try:
+        student = prune(teacher, ratio, importance=importance, example_inputs=x)
+    except ConfigError as exc:
+        assert "Hint" in str(exc), exc
+        return
+    with torch.no_grad():
+        want = [t.shape for t in tree_flatten(teacher(x))[0]]
+        got = [t.shape for t in tree_flatten(student(x))[0]]
+    assert got == want

@@ -5,9 +5,22 @@ from __future__ import annotations
 import math
 
 import torch
+import torch.fx as fx
 from torch import nn
+from torch.utils._pytree import tree_flatten
 
-__all__ = ["kept_channels", "slice_batchnorm", "slice_inputs", "slice_outputs"]
+from fxkd.capture import trace
+from fxkd.errors import ConfigError, TraceError
+from fxkd.nodes import AFFINE_TYPES
+
+__all__ = [
+    "check_output_shapes",
+    "kept_channels",
+    "output_producers",
+    "slice_batchnorm",
+    "slice_inputs",
+    "slice_outputs",
+]
 
 
 def kept_channels(scores: torch.Tensor, ratio: float, segments: int) -> list[int] | None:
@@ -64,3 +77,63 @@ def slice_batchnorm(bn: nn.Module, kept: torch.Tensor) -> None:
             bn.running_mean = bn.running_mean[kept].clone()
             bn.running_var = bn.running_var[kept].clone()
     bn.num_features = len(kept)
+
+
+def output_producers(model: nn.Module, example_inputs: torch.Tensor) -> list[str] | None:
+    """Names of the conv/linear modules whose output channels reach a graph output without
+    passing through another conv/linear: through per-channel ops, pooling, flatten, reshapes,
+    concatenations, adds, upsampling — a classifier Linear, a conv classifier (SqueezeNet), a
+    segmentation or detection head. Their width is what the model outputs, so a student keeps
+    it. Walks the traced graph back from the output, stopping at the first producer on every
+    path (conservative: any other op is passed through). None when torch.fx cannot trace the
+    model (``check_output_shapes`` still guards the student)."""
+    try:
+        gm = trace(model, example_inputs)
+    except TraceError:
+        return None
+    output = next(n for n in gm.graph.nodes if n.op == "output")
+    found: list[str] = []
+    seen: set[fx.Node] = set()
+    stack = list(output.all_input_nodes)
+    while stack:
+        node = stack.pop()
+        if node in seen:
+            continue
+        seen.add(node)
+        if node.op == "call_module":
+            module = gm.get_submodule(str(node.target))
+            if isinstance(module, AFFINE_TYPES):
+                found.append(str(node.target))
+                continue
+        stack.extend(node.all_input_nodes)
+    return sorted(set(found))
+
+
+def _shapes(out) -> list[tuple[int, ...] | None]:
+    leaves, _ = tree_flatten(out)
+    return [tuple(t.shape) if isinstance(t, torch.Tensor) else None for t in leaves]
+
+
+def check_output_shapes(teacher: nn.Module, student: nn.Module, example_inputs) -> None:
+    """Raise ConfigError naming the outputs whose shapes differ between ``student`` and
+    ``teacher`` on ``example_inputs`` (a builder must keep what the model outputs)."""
+    with torch.no_grad():
+        want = _shapes(teacher(example_inputs))
+        try:
+            got = _shapes(student(example_inputs))
+        except Exception as exc:  # a builder left an inconsistent layer
+            raise ConfigError(
+                f"the pruned {type(teacher).__name__} fails on example_inputs "
+                f"({type(exc).__name__}: {exc}). Hint: pass the layer named there as "
+                "ignored_layers=[...]"
+            ) from exc
+    if want != got:
+        diffs = [f"output {i}: teacher {w}, student {g}"
+                 for i, (w, g) in enumerate(zip(want, got, strict=False)) if w != g]  # fmt: skip
+        if len(want) != len(got):
+            diffs.append(f"{len(want)} outputs in the teacher, {len(got)} in the student")
+        raise ConfigError(
+            f"the pruned {type(teacher).__name__} no longer computes the teacher's outputs "
+            f"({'; '.join(diffs)}). Hint: pass the layers that produce the outputs as "
+            "ignored_layers=[...]"
+        )

@@ -22,6 +22,7 @@ from torch import nn
 from fxkd.errors import ConfigError
 from fxkd.nodes import CONV_TYPES
 from fxkd.students.chains import prune_chains
+from fxkd.students.common import check_output_shapes, output_producers
 from fxkd.students.lanes import prune_lanes
 from fxkd.students.streams import prune_streams
 
@@ -91,7 +92,10 @@ def prune(
 
     importance: ``"l1"`` (Li et al., L1-norm filter pruning) or ``"bn"`` (Liu et al., network
     slimming: BatchNorm |γ|). ``ignored_layers`` keep their output width (default: the last
-    Linear, so the classifier keeps its classes). The teacher is untouched.
+    Linear), and so does every layer whose channels reach a model output (a conv classifier,
+    a segmentation head: ``fxkd.students.common.output_producers``): the student computes
+    outputs of exactly the teacher's shapes, or ConfigError names the outputs that differ. The
+    teacher is untouched.
 
     scope: ``"all"`` prunes every coupled channel group, block outputs too, with
     torch-pruning's dependency graph (ConfigError when it cannot analyse the model);
@@ -109,16 +113,22 @@ def prune(
         raise ConfigError(f"importance={importance!r} is not 'l1' or 'bn'")
     if scope not in SCOPES:
         raise ConfigError(f"scope={scope!r} is not one of {SCOPES}")
+    ignored_layers = _with_output_producers(teacher, example_inputs, ignored_layers)
     if scope == "internal":
-        return _prune_with_fxkd(teacher, ratio, importance, example_inputs, ignored_layers)[0]
+        student = _prune_with_fxkd(teacher, ratio, importance, example_inputs, ignored_layers)[0]
+        check_output_shapes(teacher, student, example_inputs)
+        return student
     try:
-        return _prune_all(teacher, ratio, importance, example_inputs, ignored_layers)
+        student = _prune_all(teacher, ratio, importance, example_inputs, ignored_layers)
+        check_output_shapes(teacher, student, example_inputs)
+        return student
     except TorchPruningError as exc:
         if scope == "all":
             raise
         student, streams = _prune_with_fxkd(
             teacher, ratio, importance, example_inputs, ignored_layers, streams=True
         )
+        check_output_shapes(teacher, student, example_inputs)
         log.warning(
             "%s; pruned it with fxkd's own coupling analysis instead: the internal channels of "
             "its conv chains and %d residual stream(s) or routing region(s) of block outputs "
@@ -127,6 +137,31 @@ def prune(
             streams,
         )
         return student
+
+
+def _forward_failure(student: nn.Module, example_inputs) -> Exception | None:
+    """The error ``student`` raises on ``example_inputs``, else None: a built student must at
+    least run."""
+    try:
+        with torch.no_grad():
+            student(example_inputs)
+    except Exception as exc:
+        return exc
+    return None
+
+
+def _with_output_producers(teacher, example_inputs, ignored_layers) -> list[nn.Module]:
+    """``ignored_layers`` (default: the last Linear) plus every layer whose output channels
+    reach a model output (``output_producers``): a student computes the teacher's outputs."""
+    modules = dict(teacher.named_modules())
+    if ignored_layers is None:
+        ignored = [m for m in teacher.modules() if isinstance(m, nn.Linear)][-1:]
+    else:
+        ignored = list(ignored_layers)
+    for name in output_producers(teacher, example_inputs) or []:
+        if not any(modules[name] is m for m in ignored):
+            ignored.append(modules[name])
+    return ignored
 
 
 def _prune_with_fxkd(
@@ -156,14 +191,13 @@ def _prune_with_fxkd(
             "activation, depthwise conv] -> conv with one user at every step). Hint: prune it "
             "with another tool; compress infers the kept channels or takes channel_maps="
         )
-    try:
-        with torch.no_grad():
-            student(example_inputs)
-    except Exception as exc:  # a chain rule met a layer it does not model
+    failure = _forward_failure(student, example_inputs)
+    if failure is not None:  # a chain rule met a layer it does not model
         raise ConfigError(
             f"the internally pruned {type(teacher).__name__} fails on example_inputs "
-            f"({type(exc).__name__}: {exc}). Hint: pass the chain's layers as ignored_layers"
-        ) from exc
+            f"({type(failure).__name__}: {failure}). Hint: pass the chain's layers as "
+            "ignored_layers"
+        ) from failure
     setattr(student, CHANNEL_MAPS_ATTR, maps)
     return student, len(pruned)
 
@@ -242,5 +276,12 @@ def _prune_all(teacher, ratio, importance, example_inputs, ignored_layers) -> nn
                 f"({type(exc).__name__}: {exc}). Hint: prune it with another tool; compress "
                 "infers the kept channels from the BatchNorms or weights, or takes channel_maps="
             ) from exc
+    failure = _forward_failure(student, example_inputs)
+    if failure is not None:  # groups pruned one by one can leave an inconsistent layer
+        raise TorchPruningError(
+            f"the {type(teacher).__name__} pruned by torch-pruning fails on example_inputs "
+            f"({type(failure).__name__}: {failure}). Hint: pass the layer named there as "
+            "ignored_layers=[...], or prune with scope='internal'"
+        ) from failure
     setattr(student, CHANNEL_MAPS_ATTR, maps)
     return student
