@@ -13,30 +13,71 @@ def _fxkd(*args, timeout=600):
     )
 
 
-def test_demo_recovers_the_pruned_student():
-    out = _fxkd("demo", "--samples", "100", "--mode", "kernel")
+def test_demo_writes_a_validated_onnx_file_a_picture_and_the_table(tmp_path):
+    """fxkd demo --out DIR: the table's rows (accuracy, parameters, MACs), an ONNX file that
+    loads, passes onnx.checker and matches the recovered student under onnxruntime, a real PNG
+    of the expected size, and the paths it printed."""
+    import numpy as np
+    import onnx
+    import onnxruntime as ort
+    import torch
+    from matplotlib.image import imread
+
+    from fxkd.cli.plot import SIZE
+
+    out = _fxkd("demo", "--samples", "100", "--out", str(tmp_path))
     assert out.returncode == 0, out.stderr
     text = out.stdout
-    accs = {
-        k: float(v)
-        for k, v in re.findall(
-            r"^\s+(teacher|student as pruned|fxkd kernel\s+"
-            r"recovered)\s+([\d.]+)%",
+    rows = {
+        name: (float(acc), int(params.replace(",", "")), int(macs.replace(",", "")))
+        for name, acc, params, macs in re.findall(
+            r"^  (teacher|student as pruned|fxkd \w+ recovered)\s+([\d.]+)%\s+([\d,]+)\s+"
+            r"([\d,]+)",
             text,
             re.M,
         )
     }
-    assert set(accs) == {"teacher", "student as pruned", "fxkd kernel     recovered"}, text
-    assert accs["fxkd kernel     recovered"] > accs["student as pruned"] + 5, text
+    assert set(rows) == {"teacher", "student as pruned", "fxkd pointwise recovered",
+                         "fxkd kernel recovered"}, text  # fmt: skip
+    teacher, pruned = rows["teacher"], rows["student as pruned"]
+    for mode in ("pointwise", "kernel"):
+        acc, params, macs = rows[f"fxkd {mode} recovered"]
+        assert acc > pruned[0] + 5 and (params, macs) == pruned[1:], text
+    assert pruned[2] < teacher[2] / 3  # half the filters of every conv: a quarter of the MACs
     assert "fxkd report: kernel mode, mirror alignment, fx capture, 100 samples" in text
+    assert re.search(r"ONNX \(kernel\): student\.onnx [\d,]+ KiB .*validation passed", text)
+
+    printed = text.split("wrote:")[1].split()
+    expected = [tmp_path / "student.onnx", tmp_path / "student.pt", tmp_path / "fxkd-demo.png"]
+    assert printed == [str(p) for p in expected], text
+    model = onnx.load(tmp_path / "student.onnx")
+    onnx.checker.check_model(model, full_check=True)
+    student = torch.load(tmp_path / "student.pt", weights_only=False)
+    x = np.random.default_rng(0).standard_normal((4, 1, 28, 28)).astype(np.float32)
+    session = ort.InferenceSession(str(tmp_path / "student.onnx"),
+                                   providers=["CPUExecutionProvider"])  # fmt: skip
+    got = session.run(None, {session.get_inputs()[0].name: x})[0]
+    with torch.no_grad():
+        want = student(torch.from_numpy(x)).numpy()
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
+    image = imread(tmp_path / "fxkd-demo.png")
+    assert image.shape[:2] == (SIZE[1], SIZE[0]) and image.std() > 0.05
 
 
 def test_bad_arguments_exit_non_zero_with_a_reason():
     out = _fxkd("demo", "--arch", "alexnet")
     assert out.returncode == 2 and "invalid choice" in out.stderr
-    out = _fxkd("demo", "--ratio", "1.5")
+    assert len(out.stderr.strip().splitlines()) == 1, out.stderr
+    out = _fxkd("demo", "--out", "/tmp/fxkd-demo-test", "--ratio", "1.5")
     assert out.returncode == 2 and "ratio" in out.stderr
     assert "error" in out.stderr.splitlines()[-1]
+    for bad in (["--samples", "0"], ["--device", "cuda:7"], ["--onnx", "x.onnx"]):
+        out = _fxkd("demo", "--out", "/tmp/fxkd-demo-test", *bad)
+        if bad[0] == "--device" and "no CUDA device" not in out.stderr:
+            continue  # a machine with that GPU runs the demo instead
+        assert out.returncode == 2, (bad, out.stderr)
+        lines = out.stderr.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith(("fxkd: error:", "fxkd demo: error:")), bad
 
 
 @pytest.mark.slow
@@ -166,3 +207,17 @@ def test_fashion_mnist_runs_split_over_processes_merge_into_one_table(tmp_path):
         assert png.stat().st_size > 10_000
     else:
         assert not png.exists() and "matplotlib is not installed" in out.stderr
+
+
+def test_demo_names_the_extra_that_brings_a_missing_package(monkeypatch):
+    import importlib.util
+
+    from fxkd.cli.main import _demo_requirements
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda name: None if name == "onnxruntime" else real(name)
+    )
+    message = _demo_requirements(onnx=True)
+    assert "onnxruntime" in message and "fxkd[demo]" in message and "--no-onnx" in message
+    assert _demo_requirements(onnx=False) is None

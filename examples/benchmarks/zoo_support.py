@@ -85,7 +85,9 @@ def main() -> None:
     parser.add_argument(
         "--out", type=Path, default=Path(__file__).parent / "results/zoo_support.md"
     )
-    parser.add_argument("--readme", action="store_true", help="update docs/supported.md's table too")
+    parser.add_argument(
+        "--readme", action="store_true", help="update docs/supported.md's table too"
+    )
     parser.add_argument("--no-depth", action="store_true", help="skip the resnet34→18 case")
     parser.add_argument(
         "--merge",

@@ -22,6 +22,7 @@ from torch import nn
 from fxkd.api import CompressResult, compress
 from fxkd.cli.datasets import find_fashion_mnist, load_fashion_mnist, normalize
 from fxkd.cli.zoo import build
+from fxkd.cost import count_macs
 from fxkd.errors import ConfigError
 from fxkd.students import prune
 
@@ -64,7 +65,7 @@ def load_teacher(arch: str = "vgg") -> nn.Module:
 
 @dataclass
 class DemoResult:
-    """Accuracies (teacher, student as pruned, recovered per mode), sizes and timings."""
+    """Accuracies (teacher, student as pruned, recovered per mode), sizes, costs, timings."""
 
     test_set: str
     num_samples: int
@@ -74,7 +75,11 @@ class DemoResult:
     seconds: dict[str, float] = field(default_factory=dict)
     teacher_params: int = 0
     student_params: int = 0
-    compress_result: CompressResult | None = None
+    teacher_macs: int = 0
+    student_macs: int = 0
+    recovered_macs: int = 0
+    results: dict[str, CompressResult] = field(default_factory=dict)
+    compress_result: CompressResult | None = None  # the last mode's (exported when asked)
 
 
 def _test_set(data_dir: str | None) -> tuple[str, torch.Tensor, torch.Tensor]:
@@ -92,19 +97,26 @@ def run_demo(
     ratio: float = 0.5,
     num_samples: int = 100,
     modes: tuple[str, ...] = ("pointwise", "kernel"),
-    onnx: str | None = None,
+    onnx: str | Path | None = None,
     data_dir: str | None = None,
     seed: int = 0,
+    device: str = "cpu",
+    progress: bool = True,
 ) -> DemoResult:
     """Prune the shipped teacher (L1, ``ratio`` of every conv's filters, block outputs too),
-    recover it with ``compress`` in each mode from ``num_samples`` unlabelled images, measure.
-    The last mode's result is exported to ``onnx`` (when given) and validated."""
-    teacher = load_teacher(arch)
+    recover it with ``compress`` in each mode from ``num_samples`` unlabelled images, measure
+    accuracy, parameters and MACs. The last mode's result is exported to ``onnx`` (when given)
+    and validated with onnxruntime."""
+    if not 0 < num_samples <= 1000:
+        raise ConfigError(f"num_samples={num_samples} must be in 1..1000 (the shipped pool)")
+    teacher = load_teacher(arch).to(device)
     pool = torch.from_numpy(np.load(ASSETS / "fashion_mnist_subset.npz")["train_images"])
     g = torch.Generator().manual_seed(seed)
-    samples = normalize(pool[torch.randperm(len(pool), generator=g)[:num_samples]])
+    samples = normalize(pool[torch.randperm(len(pool), generator=g)[:num_samples]]).to(device)
+    log.info("pruning %s: %.0f%% of every conv's filters (L1)", arch, 100 * ratio)
     student = prune(teacher, ratio, importance="l1", example_inputs=samples[:1])
     name, x_test, y_test = _test_set(data_dir)
+    x_test, y_test = x_test.to(device), y_test.to(device)
     result = DemoResult(
         name,
         len(samples),
@@ -112,8 +124,11 @@ def run_demo(
         accuracy(student, x_test, y_test),
         teacher_params=sum(p.numel() for p in teacher.parameters()),
         student_params=sum(p.numel() for p in student.parameters()),
+        teacher_macs=count_macs(teacher, samples[:1]),
+        student_macs=count_macs(student, samples[:1]),
     )
     for i, mode in enumerate(modes):
+        log.info("recovering the student in %s mode from %d samples", mode, len(samples))
         start = time.perf_counter()
         out = compress(
             teacher,
@@ -123,8 +138,11 @@ def run_demo(
             num_samples=num_samples,
             onnx=onnx if i == len(modes) - 1 else None,
             seed=seed,
+            progress=progress,
         )
         result.seconds[mode] = time.perf_counter() - start
         result.recovered[mode] = accuracy(out.model, x_test, y_test)
+        result.results[mode] = out
         result.compress_result = out
+    result.recovered_macs = count_macs(result.compress_result.model, samples[:1])
     return result

@@ -16,7 +16,7 @@ from fxkd.errors import FxkdError
 __all__ = ["main"]
 
 EXAMPLES = {
-    "demo": "example: fxkd demo --ratio 0.5 --samples 100 --onnx student.onnx",
+    "demo": "example: fxkd demo --ratio 0.5 --samples 100 --out results/",
     "compress": "example: fxkd compress --teacher teacher.pt --student student.pt "
     "--data fashion-mnist --samples 256 --onnx student.onnx --out recovered/",
     "validate": "example: fxkd validate student.onnx --reference recovered/student.pt "
@@ -71,39 +71,103 @@ def _validate(args: argparse.Namespace) -> int:
     return 0 if report.passed else 1
 
 
-def _demo(args: argparse.Namespace) -> int:
-    from fxkd.cli.demo import run_demo
+def _demo_requirements(onnx: bool) -> str | None:
+    """The first missing package the demo needs, named with the extra that brings it."""
+    import importlib.util
 
+    needed = ["matplotlib"] + (["onnxruntime"] if onnx else [])
+    for name in needed:
+        if importlib.util.find_spec(name) is None:
+            return f"the demo needs {name}: pip install 'fxkd[demo]'" + (
+                "" if name == "matplotlib" else " (or pass --no-onnx)"
+            )
+    return None
+
+
+def _demo(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    import torch
+
+    from fxkd.cli.demo import run_demo
+    from fxkd.cli.plot import plot_demo
+    from fxkd.errors import ConfigError
+
+    missing = _demo_requirements(onnx=not args.no_onnx)
+    if missing:
+        raise ConfigError(missing)
+    if not 0.0 <= args.ratio < 1.0:
+        raise ConfigError(f"--ratio {args.ratio} must be in [0, 1)")
+    if not 0 < args.samples <= 1000:
+        raise ConfigError(f"--samples {args.samples} must be in 1..1000 (the shipped pool)")
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError(f"--device {args.device}: no CUDA device here. Hint: --device cpu")
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    onnx_path = None if args.no_onnx else out / "student.onnx"
     modes = ("pointwise", "kernel") if args.mode == "both" else (args.mode,)
+    print(f"fxkd demo: pruning the shipped {args.arch} teacher and recovering it "
+          f"({', '.join(modes)})...", file=sys.stderr, flush=True)  # fmt: skip
     r = run_demo(
         arch=args.arch,
         ratio=args.ratio,
         num_samples=args.samples,
         modes=modes,
-        onnx=args.onnx,
+        onnx=onnx_path,
         data_dir=args.data_dir,
         seed=args.seed,
+        device=args.device,
     )
+    last = modes[-1]
     print(r.compress_result.report)
     print()
-    print(
-        f"fxkd demo: Fashion-MNIST {args.arch}, every conv L1-pruned {args.ratio:.0%} "
-        f"({r.teacher_params:,} -> {r.student_params:,} parameters), {r.num_samples} "
-        f"unlabelled samples; accuracy on the {r.test_set}:"
-    )
-    print(f"  teacher                      {r.teacher_acc:7.2%}")
-    print(f"  student as pruned            {r.pruned_acc:7.2%}")
+    print(f"fxkd demo: Fashion-MNIST {args.arch}, every conv L1-pruned {args.ratio:.0%}, "
+          f"{r.num_samples} unlabelled samples; accuracy on the {r.test_set}:")  # fmt: skip
+    recovered_params = sum(p.numel() for p in r.compress_result.model.parameters())
+    rows = [
+        ("teacher", r.teacher_acc, r.teacher_params, r.teacher_macs, ""),
+        ("student as pruned", r.pruned_acc, r.student_params, r.student_macs, ""),
+    ]
     for mode, acc in r.recovered.items():
-        print(f"  fxkd {mode:<10} recovered  {acc:7.2%}   ({r.seconds[mode]:.1f} s, labels unused)")
-    recovered = sum(p.numel() for p in r.compress_result.model.parameters())
-    print(f"  recovered student parameters {recovered:,} (adapters folded away)")
-    if r.compress_result.onnx is not None:
-        print(f"  {r.compress_result.onnx}")
+        exported = " with the ONNX export and check" if mode == last and onnx_path else ""
+        rows.append((f"fxkd {mode} recovered", acc, recovered_params, r.recovered_macs,
+                     f"{r.seconds[mode]:.1f} s{exported}, labels unused"))  # fmt: skip
+    print(f"  {'model':<26} {'accuracy':>8}  {'parameters':>10}  {'MACs/sample':>12}")
+    for name, acc, params, macs, note in rows:
+        tail = f"  ({note})" if note else ""
+        print(f"  {name:<26} {acc:8.2%}  {params:>10,}  {macs:>12,}{tail}")
+    written = []
+    if onnx_path is not None:
+        report = r.compress_result.onnx
+        size, weights = onnx_path.stat().st_size, 4 * recovered_params
+        print(f"  ONNX ({last}): {onnx_path.name} {size / 1024:,.0f} KiB (the student's fp32 "
+              f"weights {weights / 1024:,.0f} KiB); {report}")  # fmt: skip
+        written.append(onnx_path)
+    torch.save(r.compress_result.model.cpu(), out / "student.pt")
+    written.append(out / "student.pt")
+    accuracies = {"teacher": r.teacher_acc, "pruned": r.pruned_acc}
+    accuracies.update({f"fxkd {m}": a for m, a in r.recovered.items()})
+    reports = {m: res.report for m, res in r.results.items()}
+    title = (f"fxkd demo: Fashion-MNIST {args.arch}, L1-pruned {args.ratio:.0%}, "
+             f"{r.num_samples} unlabelled samples")  # fmt: skip
+    written.append(plot_demo(out / "fxkd-demo.png", accuracies, reports, title))
+    print("wrote:")
+    for path in written:
+        print(f"  {path}")
+    if onnx_path is not None and not r.compress_result.onnx.passed:
+        return 1
     return 0
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse with its errors on one line (no usage block): ``fxkd demo: error: ...``."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="fxkd",
         description="Few-sample knowledge distillation as torch.fx compiler passes.",
     )
@@ -114,13 +178,32 @@ def build_parser() -> argparse.ArgumentParser:
     demo = sub.add_parser(
         "demo", help="recover a pruned Fashion-MNIST VGG (ships with fxkd)", epilog=EXAMPLES["demo"]
     )
-    demo.add_argument("--arch", choices=["vgg", "resnet"], default="vgg")
-    demo.add_argument("--ratio", type=float, default=0.5, help="fraction of filters pruned")
-    demo.add_argument("--samples", type=int, default=100, help="unlabelled samples (N)")
-    demo.add_argument("--mode", choices=["pointwise", "kernel", "both"], default="both")
-    demo.add_argument("--onnx", default=None, help="export and validate the result here")
-    demo.add_argument("--data-dir", default=None, help="Fashion-MNIST IDX files (optional)")
-    demo.add_argument("--seed", type=int, default=0)
+    demo.add_argument(
+        "--out", default="fxkd-demo", help="folder for the ONNX file, the PNG and the student"
+    )
+    demo.add_argument("--device", default="cpu", help="where everything runs: cpu or cuda")
+    demo.add_argument(
+        "--arch", choices=["vgg", "resnet"], default="vgg", help="which shipped teacher"
+    )
+    demo.add_argument(
+        "--ratio", type=float, default=0.5, help="share of every conv's filters pruned (L1)"
+    )
+    demo.add_argument(
+        "--samples", type=int, default=100, help="unlabelled samples to recover from (N)"
+    )
+    demo.add_argument(
+        "--mode",
+        choices=["pointwise", "kernel", "both"],
+        default="both",
+        help="calibration mode(s); the last one is exported",
+    )
+    demo.add_argument("--seed", type=int, default=0, help="which samples are drawn")
+    demo.add_argument(
+        "--data-dir", default=None, help="Fashion-MNIST IDX files for the full test set"
+    )
+    demo.add_argument(
+        "--no-onnx", action="store_true", help="skip the ONNX export and onnxruntime check"
+    )
     demo.set_defaults(run=_demo)
 
     comp = sub.add_parser(
