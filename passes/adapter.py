@@ -50,7 +50,7 @@ class PointwiseAdapter(nn.Module):
             return _CONV[self.dims](x, w.reshape(self.kernel_shape), b, groups=g)
         n, k, positions = x.shape[0], x.shape[1] // g, x[0, 0].numel()
         # as a (batched) GEMM over the (N, G, C/G, positions) view: oneDNN's 1x1 conv
-        # reorders to and from its blocked layouts, 2-10x slower at 8-64 channels per group
+        # reorders to and from its blocked layouts, much slower at few channels per group
         flat = x.reshape(n, g, k, positions)
         y = flat * w.view(1, g, 1, 1) if k == 1 else torch.matmul(w.view(g, k, k), flat)
         if b is not None:

@@ -186,6 +186,21 @@ class _Member:
                     self.module.bias.copy_(bias)
 
 
+@dataclass
+class _Lockstep:
+    """One calibration's running state: the runners of the teacher (advanced to each matched
+    point), the student (stopped at each site) and, when asked, the student as given (for the
+    report's ``err_given``); the nodes still waiting for their solve; where and in which dtype
+    the normal equations are formed."""
+
+    teacher: GraphRunner
+    student: GraphRunner
+    reference: GraphRunner | None
+    pending: set[fx.Node]
+    device: torch.device
+    dtype: torch.dtype
+
+
 class CalibrateAdapters(FxkdPass):
     """Solve the adapters of a student GraphModule against ``teacher`` on ``samples``.
 
@@ -278,6 +293,7 @@ class CalibrateAdapters(FxkdPass):
             for m in ms
             for name in m.module.pair.site.steps
         }
+        run = _Lockstep(teacher, student, reference, pending, device, dtype)
         models = [m for m in (self.teacher, gm, self.reference) if m is not None]
         self.records = {}
         with torch.no_grad(), eval_mode(*models), full_precision():
@@ -288,9 +304,7 @@ class CalibrateAdapters(FxkdPass):
                 disable=not self.config.progress,
             ):
                 target_node = t_nodes[members[0].module.pair.teacher_point]
-                self._solve(
-                    point, members, target_node, teacher, student, reference, pending, device, dtype
-                )
+                self._solve(run, point, members, target_node)
                 teacher.unpin(target_node)
         self.peak_held = {
             name: r.peak_bytes
@@ -300,15 +314,17 @@ class CalibrateAdapters(FxkdPass):
         return PassResult(gm, True)
 
     def _teacher_view(self, groups) -> fx.GraphModule:
-        """The teacher as calibration runs it: BatchNorms folded into their convs (10-15% of a
-        ResNet teacher's CPU forward), since only its values at the matched points are read,
-        by name, and the view keeps those. The student as given runs the same way."""
+        """The teacher as calibration runs it: BatchNorms folded into their convs (a cheaper
+        forward), since only its values at the matched points are read, by name, and the view
+        keeps those. The student as given runs the same way."""
         points = {m.module.pair.teacher_point for ms in groups.values() for m in ms}
         return batchnorm_folded_view(self.teacher, keep=points)
 
-    def _solve(
-        self, point, members, target_node, teacher, student, reference, pending, device, dtype
-    ):
+    def _solve(self, run: _Lockstep, point: fx.Node, members: list[_Member], target_node):
+        """Solve the adapters that meet at ``point`` against the teacher's ``target_node``, then
+        run the student through them and record each member's errors."""
+        teacher, student, reference = run.teacher, run.student, run.reference
+        pending, device, dtype = run.pending, run.device, run.dtype
         student.run_until(point, defer=pending)
         pair = members[0].module.pair
         cmap = (
@@ -419,10 +435,49 @@ class CalibrateAdapters(FxkdPass):
         The sweep goes over sample slices small enough for a core's cache on a CPU (the whole
         chunk elsewhere), so y − r, the identity difference, the shifted GEMM operands and the
         patches of one slice are made and consumed without a trip to memory."""
+        eqs, sums = self._accumulate(student, members, residual_node, targets, steps, extra,
+                                     identity, bounds)  # fmt: skip
+        bias = eqs.bias
+        accumulated = sum(m.accumulated_size() for m in members)
+        projected = any(m.projected for m in members)
+        mapping, tiles = _mapping(members, bias, eqs.device) if projected else (None, [])
+        if not (_finite(eqs.gram) and (mapping is None or _finite(mapping))):
+            raise CalibrationError(
+                _non_finite(f"student features at {members[0].node.args[0].name}")
+            )
+        if not _finite(eqs.cross):
+            raise CalibrationError(
+                _non_finite(f"teacher node {members[0].module.pair.teacher_point} or a residual")
+            )
+        if mapping is not None:  # solved at the narrow side (fxkd.solve.narrow)
+            eqs.project(mapping, tiles)
+        unknowns = eqs.features + int(eqs.bias)
+        conditioning = eqs.conditioning()
+        if conditioning.ill:
+            log.info("%s: ill-conditioned features: %s", members[0].node.name, conditioning)
+        # what samples can determine: a projected system's features span its producer's
+        # inputs only (the ridge decides the other directions however many rows there are),
+        # and a kernel too large for the rows was already solved pointwise (_solve)
+        determinable = accumulated + int(bias)
+        if eqs.rows < determinable:
+            log.warning(
+                "%s: %d sample rows for %d unknowns per output; the ridge decides the rest "
+                "(more samples would determine it)",
+                members[0].node.name,
+                eqs.rows,
+                determinable,
+            )
+        self._write_solution(eqs, members)
+        return eqs.rows, unknowns, conditioning, sums
+
+    def _accumulate(
+        self, student, members, residual_node, targets, steps, extra, identity, bounds
+    ) -> tuple[NormalEquations, torch.Tensor | None]:
+        """The members' normal equations over every chunk (and, with ``identity``, the
+        identity adapters' error sums; see ``_solve_jointly``), reduced over ranks."""
         g = members[0].groups
         dims = members[0].module.dims
         bias = any(m.bias for m in members)
-        sizes = [m.feature_size() for m in members]
         accumulated = sum(m.accumulated_size() for m in members)
         channels = members[0].module.pair.site.channels
         eqs = NormalEquations(g, accumulated, channels // g, bias=bias, device=targets[0].device)
@@ -463,34 +518,13 @@ class CalibrateAdapters(FxkdPass):
                     feats, y = feats.index_select(-1, keep), y.index_select(-1, keep)
                 eqs.update_blocks(feats, y)
         eqs.all_reduce()
-        projected = any(m.projected for m in members)
-        mapping, tiles = _mapping(members, bias, eqs.device) if projected else (None, [])
-        if not (_finite(eqs.gram) and (mapping is None or _finite(mapping))):
-            raise CalibrationError(
-                _non_finite(f"student features at {members[0].node.args[0].name}")
-            )
-        if not _finite(eqs.cross):
-            raise CalibrationError(
-                _non_finite(f"teacher node {members[0].module.pair.teacher_point} or a residual")
-            )
-        if mapping is not None:  # solved at the narrow side (fxkd.solve.narrow)
-            eqs.project(mapping, tiles)
-        unknowns = eqs.features + int(eqs.bias)
-        conditioning = eqs.conditioning()
-        if conditioning.ill:
-            log.info("%s: ill-conditioned features: %s", members[0].node.name, conditioning)
-        # what samples can determine: a projected system's features span its producer's
-        # inputs only (the ridge decides the other directions however many rows there are),
-        # and a kernel too large for the rows was already solved pointwise (_solve)
-        determinable = accumulated + int(bias)
-        if eqs.rows < determinable:
-            log.warning(
-                "%s: %d sample rows for %d unknowns per output; the ridge decides the rest "
-                "(more samples would determine it)",
-                members[0].node.name,
-                eqs.rows,
-                determinable,
-            )
+        return eqs, sums
+
+    def _write_solution(self, eqs: NormalEquations, members: list[_Member]) -> None:
+        """Solve ``eqs`` (a ridge towards the members' current weights) and write each
+        member's share of the solution into its adapter."""
+        bias = eqs.bias
+        sizes = [m.feature_size() for m in members]
         priors = [m.prior().to(eqs.device) for m in members]
         prior = torch.cat([p[:, :s] for p, s in zip(priors, sizes, strict=True)], dim=1)
         if bias:
@@ -511,7 +545,6 @@ class CalibrateAdapters(FxkdPass):
         for m, size in zip(members, sizes, strict=True):
             m.write(w[:, offset : offset + size], biases.get(id(m)))
             offset += size
-        return eqs.rows, unknowns, conditioning, sums
 
 
 def _through_producer(member: _Member, student: GraphRunner):
@@ -619,8 +652,8 @@ SLICE_BYTES = 1 << 21
 def _slices(chunk: torch.Tensor) -> list[slice]:
     """Sample ranges of a chunk that the sweeps take at a time: on a CPU, as many samples as
     keep one slice of the point's value within ``SLICE_BYTES`` (at least one), so temporaries
-    stay in cache (y − r, differences, shifted GEMM operands: ~1.8× faster than whole-chunk
-    passes at 64×56×56 fp32, 64 samples); elsewhere the whole chunk, one kernel per op."""
+    stay in cache (y − r, differences, shifted GEMM operands; measurably faster than
+    whole-chunk passes, docs/performance.md); elsewhere the whole chunk, one kernel per op."""
     n = chunk.shape[0] if chunk.dim() else 1
     if chunk.device.type != "cpu" or chunk.dim() < 2 or n <= 1:
         return [slice(None)]

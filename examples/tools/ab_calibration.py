@@ -122,10 +122,13 @@ def main() -> None:
     device = torch.device(args.device)
 
     calibrate = _revision(args.rev)
-    methods = ("call", "_solve", "_solve_jointly")  # the pass's whole run, each variant's own
+
+    def own_methods(cls) -> dict:  # the pass's whole run: every function the class defines
+        return {name: fn for name, fn in vars(cls).items() if callable(fn)}
+
     variants = {
-        args.rev: {m: getattr(calibrate["CalibrateAdapters"], m) for m in methods},
-        "working tree": {m: getattr(CalibrateAdapters, m) for m in methods},
+        args.rev: own_methods(calibrate["CalibrateAdapters"]),
+        "working tree": own_methods(CalibrateAdapters),
     }
 
     teacher, student, shape = make_pair(args.pair, args.size)
