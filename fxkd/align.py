@@ -160,90 +160,113 @@ def find_sites(gm: fx.GraphModule) -> tuple[list[Site], list[SkippedSite]]:
         produced = site_producer(gm, node)
         if produced is None:
             continue
-        module, qualname, caller = produced
-        node_calls = calls[str(caller.target)]
-        if node_calls > 1:
-            skipped.append(
-                SkippedSite(
-                    node.name,
-                    f"module {qualname} is called {node_calls} "
-                    "times; an adapter folded into it would change every call",
-                )
-            )
-            continue
-        dims = spatial_dims(module)
-        anchor, batchnorm = node, None
-        if len(node.users) == 1:
-            (user,) = node.users
-            if eval_batchnorm(gm, user, dims) is not None:
-                anchor, batchnorm = user, user
-            elif user.op == "call_module" and isinstance(
-                gm.get_submodule(str(user.target)), nn.modules.batchnorm._BatchNorm
-            ):
-                skipped.append(
-                    SkippedSite(
-                        node.name,
-                        f"BatchNorm {user.target} keeps no running statistics, "
-                        "so it is not an affine map in eval mode; give it "
-                        "track_running_stats=True (or fuse it) to calibrate here",
-                    )
-                )
-                continue
-        anchor_shape = node_shape(anchor)
-        ndim = len(anchor_shape) if anchor_shape is not None else 2
-        channel_dim = ndim - 1 if dims == 0 else 1
-        end, steps = anchor, []
-        while len(end.users) == 1:
-            (user,) = end.users
-            step = channel_step(gm, user, end, channel_dim, ndim)
-            if step is None:
-                break
-            end, channel_dim = user, step[1]
-            steps.append(user.name)
-        point, residual = end, None
-        if len(end.users) == 1:
-            (user,) = end.users
-            operands = add_operands(user)
-            if operands is not None and operands[0] is not operands[1]:
-                other = operands[1] if operands[0] is end else operands[0]
-                if not _depends_on(other, anchor):
-                    point, residual = user, other
-        if (
-            batchnorm is None
-            and len(anchor.users) == 1
-            and affine_module(gm, next(iter(anchor.users))) is not None
-        ):
-            skipped.append(
-                SkippedSite(
-                    node.name,
-                    "feeds another conv/linear directly (a factorised layer: "
-                    "the adapter goes after the last factor)",
-                )
-            )
-            continue
-        if not point.users:
-            skipped.append(SkippedSite(node.name, "its value is never used"))
-            continue
-        shape = node_shape(point)
-        if shape is None:
-            skipped.append(SkippedSite(node.name, "no recorded shape (trace with an example)"))
-            continue
-        sites.append(
-            Site(
-                producer=node.name,
-                module=qualname,
-                batchnorm=batchnorm.name if batchnorm is not None else None,
-                anchor=anchor.name,
-                point=point.name,
-                residual=residual.name if residual is not None else None,
-                dims=dims,
-                channels=shape[channel_dim],
-                groups=getattr(module, "groups", 1),
-                shape=shape,
-                channel_dim=channel_dim,
-                steps=tuple(steps),
-            )
+        found = _site_of(gm, node, produced, calls[str(produced[2].target)])
+        (sites if isinstance(found, Site) else skipped).append(found)
+    return _without_shared_seen_through(sites, skipped)
+
+
+def _site_of(gm: fx.GraphModule, node: fx.Node, produced, calls: int) -> Site | SkippedSite:
+    """The site of an affine producer ``node`` (``produced``: its module, qualified name and
+    calling node, called ``calls`` times), or why it is none."""
+    module, qualname, _ = produced
+    if calls > 1:
+        return SkippedSite(
+            node.name,
+            f"module {qualname} is called {calls} times; an adapter folded into it would "
+            "change every call",
         )
+    dims = spatial_dims(module)
+    anchored = _anchor(gm, node, dims)
+    if isinstance(anchored, SkippedSite):
+        return anchored
+    anchor, batchnorm = anchored
+    anchor_shape = node_shape(anchor)
+    ndim = len(anchor_shape) if anchor_shape is not None else 2
+    end, channel_dim, steps = _seen_through(gm, anchor, ndim - 1 if dims == 0 else 1, ndim)
+    point, residual = _residual_point(end, anchor)
+    if (
+        batchnorm is None
+        and len(anchor.users) == 1
+        and affine_module(gm, next(iter(anchor.users))) is not None
+    ):
+        return SkippedSite(
+            node.name,
+            "feeds another conv/linear directly (a factorised layer: the adapter goes after "
+            "the last factor)",
+        )
+    if not point.users:
+        return SkippedSite(node.name, "its value is never used")
+    shape = node_shape(point)
+    if shape is None:
+        return SkippedSite(node.name, "no recorded shape (trace with an example)")
+    return Site(
+        producer=node.name,
+        module=qualname,
+        batchnorm=batchnorm.name if batchnorm is not None else None,
+        anchor=anchor.name,
+        point=point.name,
+        residual=residual.name if residual is not None else None,
+        dims=dims,
+        channels=shape[channel_dim],
+        groups=getattr(module, "groups", 1),
+        shape=shape,
+        channel_dim=channel_dim,
+        steps=tuple(steps),
+    )
+
+
+def _anchor(gm: fx.GraphModule, node: fx.Node, dims: int):
+    """(anchor, batchnorm): the producer's eval BatchNorm when it is the only reader (the
+    adapter goes after it), else the producer itself; a SkippedSite when that BatchNorm keeps
+    no running statistics (not an affine map in eval mode)."""
+    if len(node.users) != 1:
+        return node, None
+    (user,) = node.users
+    if eval_batchnorm(gm, user, dims) is not None:
+        return user, user
+    if user.op == "call_module" and isinstance(
+        gm.get_submodule(str(user.target)), nn.modules.batchnorm._BatchNorm
+    ):
+        return SkippedSite(
+            node.name,
+            f"BatchNorm {user.target} keeps no running statistics, so it is not an affine map "
+            "in eval mode; give it track_running_stats=True (or fuse it) to calibrate here",
+        )
+    return node, None
+
+
+def _seen_through(gm: fx.GraphModule, anchor: fx.Node, channel_dim: int, ndim: int):
+    """(end, channel_dim, steps): follow the anchor's single readers while each is a
+    per-channel linear step (``channel_step``), tracking where the channels go."""
+    end, steps = anchor, []
+    while len(end.users) == 1:
+        (user,) = end.users
+        step = channel_step(gm, user, end, channel_dim, ndim)
+        if step is None:
+            break
+        end, channel_dim = user, step[1]
+        steps.append(user.name)
+    return end, channel_dim, steps
+
+
+def _residual_point(end: fx.Node, anchor: fx.Node) -> tuple[fx.Node, fx.Node | None]:
+    """(point, residual): the residual add that alone reads ``end``, when its other operand
+    does not depend on the anchor, else ``end`` itself with no residual."""
+    if len(end.users) == 1:
+        (user,) = end.users
+        operands = add_operands(user)
+        if operands is not None and operands[0] is not operands[1]:
+            other = operands[1] if operands[0] is end else operands[0]
+            if not _depends_on(other, anchor):
+                return user, other
+    return end, None
+
+
+def _without_shared_seen_through(
+    sites: list[Site], skipped: list[SkippedSite]
+) -> tuple[list[Site], list[SkippedSite]]:
+    """Sites seen through steps to an add another site shares move to ``skipped``: joint
+    solves through per-channel steps are not supported."""
     sharing: dict[str, int] = {}
     for site in sites:
         sharing[site.point] = sharing.get(site.point, 0) + 1
@@ -581,63 +604,30 @@ def align(
     ``map_source`` says where the channel maps came from ("given", "builder"); the report shows
     it. Raises AlignmentError, listing both sides' signatures, when no pair at all is found."""
     channel_maps = dict(channel_maps or {})
-    unknown = sorted(
-        set(channel_maps)
-        - {p[1] for p in (site_producer(student, n) for n in student.graph.nodes) if p is not None}
-    )
-    if unknown:
-        raise AlignmentError(
-            f"channel_maps names {unknown}, which are not conv/linear modules of the student. "
-            "Hint: key channel maps by the student's producer module name (e.g. 'features.0')."
-        )
+    _check_channel_map_keys(student, channel_maps)
     sites, skipped = find_sites(student)
-    t_nodes = {n.name: n for n in teacher.graph.nodes}
     s_cuts = {n.name for n in block_cuts(student)}
     mirror = mirror_map(teacher, student)
     if mirror is not None:
         strategy = "mirror"
         if granularity == "block":
-            kept = [s for s in sites if s.point in s_cuts]
             skipped += [
                 SkippedSite(s.producer, "inside a block (granularity='block')")
                 for s in sites
                 if s.point not in s_cuts
             ]
-            sites = kept
-        results = []
-        known: dict[str, Sequence[int] | None] = dict(channel_maps)
-        for s in sites:
-            t_node = t_nodes[mirror[s.point]]
-            if s.module not in channel_maps:
-                inferred, how = None, ""
-                if s.batchnorm is not None:
-                    bn = t_nodes[mirror[s.batchnorm]]
-                    inferred, how = infer_channel_map(teacher, student, s, bn), "inferred"
-                if inferred is None:
-                    t_producer = t_nodes[mirror[s.producer]]
-                    inferred = infer_channel_map_from_weights(
-                        teacher, student, s, t_producer, known
-                    )
-                    how = "inferred-weights"
-                if inferred is not None:
-                    known[s.module] = inferred
-                    results.append(_pair(s, t_node, {s.module: inferred}, how))
-                    continue
-            result = _pair(s, t_node, channel_maps, map_source)
-            if isinstance(result, SitePair) and result.channel_map is None:
-                known[s.module] = None  # full width: its consumers see every channel
-            results.append(result)
+            sites = [s for s in sites if s.point in s_cuts]
+        results = _mirror_pairs(teacher, student, sites, mirror, channel_maps, map_source)
     else:
         strategy = "cuts"
         t_points = [n for n in block_cuts(teacher) if _reaches_activation_or_output(teacher, n)]
-        boundary = [s for s in sites if s.point in s_cuts]
         skipped += [
             SkippedSite(s.producer, "not at a block boundary of a non-mirror student")
             for s in sites
             if s.point not in s_cuts
         ]
         by_point: dict[str, list[Site]] = {}
-        for site in boundary:
+        for site in (s for s in sites if s.point in s_cuts):
             by_point.setdefault(site.point, []).append(site)
         results = _align_points(list(by_point), by_point, t_points, channel_maps, map_source)
     pairs = [r for r in results if isinstance(r, SitePair)]
@@ -658,3 +648,45 @@ def align(
     for s in skipped:
         log.info("site %s skipped: %s", s.node, s.reason)
     return Alignment(strategy, pairs, skipped)
+
+
+def _check_channel_map_keys(student: fx.GraphModule, channel_maps: Mapping) -> None:
+    """AlignmentError when ``channel_maps`` names a module that is no conv/linear producer."""
+    producers = {
+        p[1] for p in (site_producer(student, n) for n in student.graph.nodes) if p is not None
+    }
+    unknown = sorted(set(channel_maps) - producers)
+    if unknown:
+        raise AlignmentError(
+            f"channel_maps names {unknown}, which are not conv/linear modules of the student. "
+            "Hint: key channel maps by the student's producer module name (e.g. 'features.0')."
+        )
+
+
+def _mirror_pairs(teacher, student, sites, mirror, channel_maps, map_source) -> list:
+    """A mirror student's sites paired node by node with the teacher's; a pruned site without
+    a given channel map gets one inferred from the BatchNorm statistics, else from the weights
+    (each inferred map feeding its consumers' inference)."""
+    t_nodes = {n.name: n for n in teacher.graph.nodes}
+    results = []
+    known: dict[str, Sequence[int] | None] = dict(channel_maps)
+    for s in sites:
+        t_node = t_nodes[mirror[s.point]]
+        if s.module not in channel_maps:
+            inferred, how = None, ""
+            if s.batchnorm is not None:
+                bn = t_nodes[mirror[s.batchnorm]]
+                inferred, how = infer_channel_map(teacher, student, s, bn), "inferred"
+            if inferred is None:
+                t_producer = t_nodes[mirror[s.producer]]
+                inferred = infer_channel_map_from_weights(teacher, student, s, t_producer, known)
+                how = "inferred-weights"
+            if inferred is not None:
+                known[s.module] = inferred
+                results.append(_pair(s, t_node, {s.module: inferred}, how))
+                continue
+        result = _pair(s, t_node, channel_maps, map_source)
+        if isinstance(result, SitePair) and result.channel_map is None:
+            known[s.module] = None  # full width: its consumers see every channel
+        results.append(result)
+    return results
