@@ -50,7 +50,14 @@ from .base import FxkdPass
 from .fold import batchnorm_folded_view
 from .runner import GraphRunner
 
-__all__ = ["CalibrateAdapters", "SiteRecord"]
+__all__ = [
+    "CalibrateAdapters",
+    "SiteRecord",
+    "adapter_groups",
+    "all_finite",
+    "projected_sources",
+    "relative_error",
+]
 
 log = logging.getLogger(__name__)
 
@@ -231,7 +238,7 @@ class CalibrateAdapters(FxkdPass):
 
     def call(self, graph_module: fx.GraphModule) -> PassResult:
         gm = graph_module
-        groups = _groups(gm)
+        groups = adapter_groups(gm)
         if not groups:
             return PassResult(gm, False)
         device = torch.device(self.config.device) if self.config.device else module_device(gm)
@@ -266,7 +273,7 @@ class CalibrateAdapters(FxkdPass):
             device=module_device(self.teacher),
             offload=offload,
         )
-        self._sources = _projected_sources(groups.values())
+        self._sources = projected_sources(groups.values())
         student = GraphRunner(
             gm,
             [c.to(module_dtype(gm)) for c in chunks],
@@ -389,11 +396,11 @@ class CalibrateAdapters(FxkdPass):
             student.run_node(step)
         if point not in own:
             student.run_node(point)
-        err_after = _rel_error(student.value(point), targets, energy, bounds)
+        err_after = relative_error(student.value(point), targets, energy, bounds)
         err_given = None
         if reference is not None:
             r_node = next(n for n in reference.nodes if n.name == pair.site.point)
-            err_given = _rel_error(reference.run_through(r_node), targets, energy, bounds)
+            err_given = relative_error(reference.run_through(r_node), targets, energy, bounds)
             reference.unpin(r_node)
         for m in members:
             self.records[str(m.node.target)] = SiteRecord(
@@ -441,11 +448,11 @@ class CalibrateAdapters(FxkdPass):
         accumulated = sum(m.accumulated_size() for m in members)
         projected = any(m.projected for m in members)
         mapping, tiles = _mapping(members, bias, eqs.device) if projected else (None, [])
-        if not (_finite(eqs.gram) and (mapping is None or _finite(mapping))):
+        if not (all_finite(eqs.gram) and (mapping is None or all_finite(mapping))):
             raise CalibrationError(
                 _non_finite(f"student features at {members[0].node.args[0].name}")
             )
-        if not _finite(eqs.cross):
+        if not all_finite(eqs.cross):
             raise CalibrationError(
                 _non_finite(f"teacher node {members[0].module.pair.teacher_point} or a residual")
             )
@@ -573,7 +580,7 @@ def _through_producer(member: _Member, student: GraphRunner):
     return value
 
 
-def _projected_sources(member_lists) -> dict[fx.Node, int]:
+def projected_sources(member_lists) -> dict[fx.Node, int]:
     """The inputs that projected pointwise adapters read at their solve (so the student's
     runner holds them until then), with how many adapters read each."""
     sources: dict[fx.Node, int] = {}
@@ -606,7 +613,7 @@ def _mapping(
     return out[None], [tuple(a.shape) for a, _ in maps]
 
 
-def _groups(gm: fx.GraphModule) -> dict[fx.Node, list[_Member]]:
+def adapter_groups(gm: fx.GraphModule) -> dict[fx.Node, list[_Member]]:
     """Adapters grouped by the point where they are solved, in topological order."""
     groups: dict[fx.Node, list[_Member]] = {}
     for node, module, point in adapter_points(gm):
@@ -625,7 +632,7 @@ def _groups(gm: fx.GraphModule) -> dict[fx.Node, list[_Member]]:
     return dict(sorted(groups.items(), key=lambda kv: order[kv[0]]))
 
 
-def _rel_error(
+def relative_error(
     values: list[torch.Tensor],
     targets: list[torch.Tensor],
     energy: float,
@@ -722,7 +729,7 @@ def _global_rows(targets: list[torch.Tensor], channel_dim: int, share: float = 1
     return int(all_reduce_sum(torch.tensor([count], dtype=torch.float64)).item())
 
 
-def _finite(t: torch.Tensor) -> bool:
+def all_finite(t: torch.Tensor) -> bool:
     """No NaN or Inf in ``t``: NaN and Inf propagate through a sum (Inf − Inf is NaN), and an
     fp64 sum of finite normal-equation entries does not overflow, so one reduction tells
     (``isfinite(t).all()`` built a D×D mask: 6% of a small kernel-mode calibration)."""

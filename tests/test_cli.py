@@ -212,12 +212,12 @@ def test_fashion_mnist_runs_split_over_processes_merge_into_one_table(tmp_path):
 def test_demo_names_the_extra_that_brings_a_missing_package(monkeypatch):
     import importlib.util
 
-    from fxkd.cli.main import _demo_requirements
+    from fxkd.cli.main import demo_requirements
 
     real = importlib.util.find_spec
     monkeypatch.setattr(
         importlib.util, "find_spec", lambda name: None if name == "onnxruntime" else real(name)
     )
-    message = _demo_requirements(onnx=True)
+    message = demo_requirements(onnx=True)
     assert "onnxruntime" in message and "fxkd[demo]" in message and "--no-onnx" in message
-    assert _demo_requirements(onnx=False) is None
+    assert demo_requirements(onnx=False) is None

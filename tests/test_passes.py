@@ -37,14 +37,14 @@ def test_pass_manager_pipeline_equals_compress():
 
 
 def test_finite_check_of_the_normal_equations_catches_nan_and_both_infinities():
-    from fxkd.passes.calibrate import _finite
+    from fxkd.passes.calibrate import all_finite
 
     g = torch.randn(2, 5, 5, dtype=torch.float64) * 1e150
-    assert _finite(g)
+    assert all_finite(g)
     for bad in (float("nan"), float("inf"), float("-inf")):
         h = g.clone()
         h[1, 2, 3] = bad
-        assert not _finite(h)
+        assert not all_finite(h)
     h = g.clone()
     h[0, 0, 0], h[1, 1, 1] = float("inf"), float("-inf")  # they would cancel to NaN
-    assert not _finite(h)
+    assert not all_finite(h)

@@ -57,11 +57,11 @@ def test_point_errors_keep_fp64_accuracy_on_large_chunks():
     """The errors reported at a point are sums of squares over millions of entries: taken per
     cache-sized slice and accumulated in fp64 they stay within 1e-5 of an fp64 reference (one
     fp32 norm over a whole 64×64×56×56 chunk is off by ~6e-4)."""
-    from fxkd.passes.calibrate import _rel_error
+    from fxkd.passes.calibrate import relative_error
 
     torch.manual_seed(0)
     y = torch.randn(64, 64, 56, 56).relu_()
     v = torch.randn(64, 64, 56, 56).relu_()
     energy = float((y.double() ** 2).sum())
     exact = float(((y.double() - v.double()) ** 2).sum()) / energy
-    assert abs(_rel_error([v], [y], energy) - exact) < 1e-5 * exact
+    assert abs(relative_error([v], [y], energy) - exact) < 1e-5 * exact

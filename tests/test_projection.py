@@ -227,7 +227,7 @@ def test_which_sites_are_solved_from_their_producers_input(producer, projected):
     InsertAdapters(align(t_gm, s_gm), "pointwise")(s_gm)
     found = {
         str(m.module.pair.site.module): m.source
-        for ms in calibrate._groups(s_gm).values()
+        for ms in calibrate.adapter_groups(s_gm).values()
         for m in ms
     }
     source = found["producer"]
@@ -264,7 +264,7 @@ def test_pointwise_calibration_folds_the_same_student_either_way(monkeypatch):
 
 def test_cost_rule_prefers_the_narrower_side():
     """The input side is taken from about 1.5x widening on (Gram and cross per row)."""
-    cost = projection._cost
+    cost = projection.update_cost
     assert cost(16, 64) < projection.MAX_COST_SHARE * cost(64, 64)
     assert cost(16, 20) > projection.MAX_COST_SHARE * cost(20, 20)
 

@@ -41,7 +41,7 @@ from fxkd.align import align
 from fxkd.capture import trace
 from fxkd.cli.zoo import FashionResNet, FashionVGG
 from fxkd.passes import CalibrateAdapters, InsertAdapters
-from fxkd.passes.calibrate import _groups, _projected_sources
+from fxkd.passes.calibrate import adapter_groups, projected_sources
 from fxkd.passes.runner import GraphRunner
 from fxkd.placement import full_precision
 from fxkd.solve.normal import NormalEquations
@@ -58,7 +58,7 @@ class PerBlockCalibration(CalibrateAdapters):
 
     def call(self, graph_module):
         gm = graph_module
-        groups = _groups(gm)
+        groups = adapter_groups(gm)
         device = next(gm.parameters()).device
         t_view = self._teacher_view(groups)  # as fxkd runs it: the schedules differ, nothing else
         t_nodes = {n.name: n for n in t_view.graph.nodes}
@@ -68,7 +68,7 @@ class PerBlockCalibration(CalibrateAdapters):
             for point, members in groups.items():
                 target = t_nodes[members[0].module.pair.teacher_point]
                 teacher = GraphRunner(t_view, chunks, pinned=[target])
-                self._sources = _projected_sources([members])
+                self._sources = projected_sources([members])
                 student = GraphRunner(gm, chunks, pinned=self._sources)
                 self._solve(
                     point, members, target, teacher, student, None, pending, device, torch.float32
@@ -241,7 +241,7 @@ def measure(teacher, student, samples, mode, args, device) -> dict:
     out["compress"] = timed(
         lambda: fxkd.compress(teacher, student, samples, config=cfg), repeats, device
     )
-    out["blocks"] = len(_groups(prepared()))
+    out["blocks"] = len(adapter_groups(prepared()))
     if args.offload:
         out["fxkd-offload"] = timed(run(CalibrateAdapters, cfg.replace(offload=True)), 1, device)
     if args.memory:

@@ -71,7 +71,7 @@ def _validate(args: argparse.Namespace) -> int:
     return 0 if report.passed else 1
 
 
-def _demo_requirements(onnx: bool) -> str | None:
+def demo_requirements(onnx: bool) -> str | None:
     """The first missing package the demo needs, named with the extra that brings it."""
     import importlib.util
 
@@ -93,7 +93,7 @@ def _demo(args: argparse.Namespace) -> int:
     from fxkd.cli.plot import plot_demo
     from fxkd.errors import ConfigError
 
-    missing = _demo_requirements(onnx=not args.no_onnx)
+    missing = demo_requirements(onnx=not args.no_onnx)
     if missing:
         raise ConfigError(missing)
     if not 0.0 <= args.ratio < 1.0:

@@ -21,7 +21,7 @@ from torch import nn
 from fxkd.solve.patches import conv_padding
 from fxkd.solve.products import SYMMETRIC_PANELS_FROM
 
-__all__ = ["MAX_COST_SHARE", "producer_input"]
+__all__ = ["MAX_COST_SHARE", "producer_input", "update_cost"]
 
 MAX_COST_SHARE = 0.7
 """The producer's input is used when its normal equations cost at most this share of the
@@ -58,12 +58,14 @@ def producer_input(gm: fx.GraphModule, adapter: fx.Node, module: nn.Module) -> f
     source = anchor.args[0]
     if not isinstance(source, fx.Node):
         return None
-    if _cost(width, site.channels) > MAX_COST_SHARE * _cost(site.channels, site.channels):
+    if update_cost(width, site.channels) > MAX_COST_SHARE * update_cost(
+        site.channels, site.channels
+    ):
         return None
     return source
 
 
-def _cost(features: int, targets: int) -> float:
+def update_cost(features: int, targets: int) -> float:
     """Multiply-adds per row of the normal equations' updates (Gram and cross)."""
     gram = features * features * (5 / 8 if features >= SYMMETRIC_PANELS_FROM else 1.0)
     return gram + features * targets
