@@ -18,6 +18,7 @@ import numpy as np
 import onnx
 import torch
 from torch import nn
+from torch.utils._pytree import tree_flatten
 
 from fxkd.capture import eval_mode
 from fxkd.errors import OnnxValidationError
@@ -184,7 +185,9 @@ def validate_onnx(
         raise OnnxValidationError(f"onnx.checker rejected {path}: {exc}") from exc
     with torch.no_grad(), eval_mode(model), full_precision():
         expected = model(inputs)
-    expected = [expected] if isinstance(expected, torch.Tensor) else list(expected)
+    # every tensor leaf of whatever the model returns (tuples, dicts, NamedTuples, ...), in
+    # the pytree order the exporter flattens them in
+    expected = [e for e in tree_flatten(expected)[0] if isinstance(e, torch.Tensor)]
     expected = [e.detach().double().cpu().numpy() for e in expected]
     providers = _providers()
     max_abs = max_rel = 0.0
