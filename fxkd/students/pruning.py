@@ -21,6 +21,7 @@ from torch import nn
 
 from fxkd.errors import ConfigError
 from fxkd.nodes import CONV_TYPES
+from fxkd.students.budget import BudgetExceeded, time_budget
 from fxkd.students.chains import prune_chains
 from fxkd.students.common import check_output_shapes, output_producers
 from fxkd.students.lanes import prune_lanes
@@ -87,6 +88,7 @@ def prune(
     example_inputs: torch.Tensor,
     ignored_layers: list[nn.Module] | None = None,
     scope: str = "auto",
+    time_budget_s: float | None = 120.0,
 ) -> nn.Module:
     """A filter-pruned copy of ``teacher`` with ``ratio`` of each coupled channel group removed.
 
@@ -102,7 +104,8 @@ def prune(
     ``"internal"`` prunes only the channels internal to conv chains (``fxkd.students.chains``:
     block outputs keep their width; works where torch-pruning does not, e.g. ShuffleNet's
     channel shuffle, RegNet's grouped bottlenecks); ``"auto"`` (default) is ``"all"``, falling
-    back with a warning, when torch-pruning fails, to fxkd's own analysis: the internal chains
+    back with a warning, when torch-pruning fails or its analysis runs past
+    ``time_budget_s`` seconds (None: no budget), to fxkd's own analysis: the internal chains
     and the block outputs: residual streams (``fxkd.students.streams``: joined only by adds and
     per-channel ops, e.g. RegNet's stages) and routing regions (``fxkd.students.lanes``:
     concatenations, chunks and channel shuffles, e.g. ShuffleNet's stages); block outputs that
@@ -119,7 +122,9 @@ def prune(
         check_output_shapes(teacher, student, example_inputs)
         return student
     try:
-        student = _prune_all(teacher, ratio, importance, example_inputs, ignored_layers)
+        student = _prune_all(
+            teacher, ratio, importance, example_inputs, ignored_layers, time_budget_s
+        )
         check_output_shapes(teacher, student, example_inputs)
         return student
     except TorchPruningError as exc:
@@ -222,8 +227,27 @@ def _with_lanes(student, ratio, example_inputs, importance, skip):
     return candidate, maps, regions
 
 
-def _prune_all(teacher, ratio, importance, example_inputs, ignored_layers) -> nn.Module:
-    """``scope="all"``: torch-pruning's coupled groups, fxkd's scores and kept indices."""
+def _prune_all(
+    teacher, ratio, importance, example_inputs, ignored_layers, budget_s=None
+) -> nn.Module:
+    """``scope="all"``: torch-pruning's coupled groups, fxkd's scores and kept indices, its
+    analysis and pruning within ``budget_s`` seconds (TorchPruningError past it)."""
+    try:
+        with time_budget(budget_s):
+            return _prune_with_torch_pruning(
+                teacher, ratio, importance, example_inputs, ignored_layers
+            )
+    except BudgetExceeded as exc:
+        raise TorchPruningError(
+            f"torch-pruning's analysis of {type(teacher).__name__} {exc}. Hint: raise "
+            "time_budget_s=, or prune with scope='internal'"
+        ) from exc
+
+
+def _prune_with_torch_pruning(
+    teacher, ratio, importance, example_inputs, ignored_layers
+) -> nn.Module:
+    """torch-pruning's coupled groups, fxkd's scores and kept indices."""
     import torch_pruning as tp
 
     student = copy.deepcopy(teacher).eval()
