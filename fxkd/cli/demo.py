@@ -82,8 +82,13 @@ class DemoResult:
     compress_result: CompressResult | None = None  # the last mode's (exported when asked)
 
 
-def _test_set(data_dir: str | None) -> tuple[str, torch.Tensor, torch.Tensor]:
-    if find_fashion_mnist(data_dir) is not None:
+def _test_set(data_dir: str | None, which: str) -> tuple[str, torch.Tensor, torch.Tensor]:
+    """The labelled test images: the full set (``which`` "full", or "auto" when its IDX files
+    are found) or the shipped subset ("shipped", or "auto" when they are not)."""
+    found = find_fashion_mnist(data_dir) if which != "shipped" else None
+    if which == "full" and found is None:
+        raise ConfigError("no Fashion-MNIST IDX files found for the full test set")
+    if found is not None:
         x, y = load_fashion_mnist("test", data_dir)
         return "Fashion-MNIST test set (10,000 images)", normalize(x), y
     sub = np.load(ASSETS / "fashion_mnist_subset.npz")
@@ -99,14 +104,16 @@ def run_demo(
     modes: tuple[str, ...] = ("pointwise", "kernel"),
     onnx: str | Path | None = None,
     data_dir: str | None = None,
+    test_set: str = "auto",
     seed: int = 0,
     device: str = "cpu",
     progress: bool = True,
 ) -> DemoResult:
     """Prune the shipped teacher (L1, ``ratio`` of every conv's filters, block outputs too),
     recover it with ``compress`` in each mode from ``num_samples`` unlabelled images, measure
-    accuracy, parameters and MACs. The last mode's result is exported to ``onnx`` (when given)
-    and validated with onnxruntime."""
+    accuracy (on the test set ``test_set`` names: "auto", "full" or "shipped"), parameters and
+    MACs. The last mode's result is exported to ``onnx`` (when given) and validated with
+    onnxruntime. Each step is logged at INFO (the CLI shows them as progress lines)."""
     if not 0 < num_samples <= 1000:
         raise ConfigError(f"num_samples={num_samples} must be in 1..1000 (the shipped pool)")
     teacher = load_teacher(arch).to(device)
@@ -115,8 +122,9 @@ def run_demo(
     samples = normalize(pool[torch.randperm(len(pool), generator=g)[:num_samples]]).to(device)
     log.info("pruning %s: %.0f%% of every conv's filters (L1)", arch, 100 * ratio)
     student = prune(teacher, ratio, importance="l1", example_inputs=samples[:1])
-    name, x_test, y_test = _test_set(data_dir)
+    name, x_test, y_test = _test_set(data_dir, test_set)
     x_test, y_test = x_test.to(device), y_test.to(device)
+    log.info("measuring the teacher's and the pruned student's accuracy on the %s", name)
     result = DemoResult(
         name,
         len(samples),
@@ -128,7 +136,13 @@ def run_demo(
         student_macs=count_macs(student, samples[:1]),
     )
     for i, mode in enumerate(modes):
-        log.info("recovering the student in %s mode from %d samples", mode, len(samples))
+        export = onnx is not None and i == len(modes) - 1
+        log.info(
+            "recovering the student in %s mode from %d unlabelled samples%s",
+            mode,
+            len(samples),
+            f", then exporting it to {onnx} and validating it with onnxruntime" if export else "",
+        )
         start = time.perf_counter()
         out = compress(
             teacher,
@@ -136,11 +150,12 @@ def run_demo(
             samples,
             mode=mode,
             num_samples=num_samples,
-            onnx=onnx if i == len(modes) - 1 else None,
+            onnx=onnx if export else None,
             seed=seed,
             progress=progress,
         )
         result.seconds[mode] = time.perf_counter() - start
+        log.info("measuring the %s-recovered student's accuracy", mode)
         result.recovered[mode] = accuracy(out.model, x_test, y_test)
         result.results[mode] = out
         result.compress_result = out

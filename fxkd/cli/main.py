@@ -89,6 +89,7 @@ def _demo(args: argparse.Namespace) -> int:
 
     import torch
 
+    from fxkd.cli.datasets import find_fashion_mnist
     from fxkd.cli.demo import run_demo
     from fxkd.cli.plot import plot_demo
     from fxkd.errors import ConfigError
@@ -102,12 +103,27 @@ def _demo(args: argparse.Namespace) -> int:
         raise ConfigError(f"--samples {args.samples} must be in 1..1000 (the shipped pool)")
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         raise ConfigError(f"--device {args.device}: no CUDA device here. Hint: --device cpu")
+    if args.no_onnx and args.onnx:
+        raise ConfigError("--onnx and --no-onnx contradict each other; pass one of them")
+    if args.data_dir and find_fashion_mnist(args.data_dir) != Path(args.data_dir):
+        raise ConfigError(
+            f"--data-dir {args.data_dir} does not hold the four Fashion-MNIST IDX files "
+            "(t10k-images-idx3-ubyte[.gz], ...)"
+        )
+    if args.test_set == "full" and find_fashion_mnist(args.data_dir) is None:
+        raise ConfigError(
+            "--test-set full: no Fashion-MNIST IDX files found. Hint: --data-dir DIR, "
+            "or --test-set shipped"
+        )
     out = Path(args.out)
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"--out {out} is a file, not a folder")
     out.mkdir(parents=True, exist_ok=True)
-    onnx_path = None if args.no_onnx else out / "student.onnx"
+    onnx_path = None if args.no_onnx else Path(args.onnx) if args.onnx else out / "student.onnx"
+    if onnx_path is not None:
+        onnx_path.parent.mkdir(parents=True, exist_ok=True)
     modes = ("pointwise", "kernel") if args.mode == "both" else (args.mode,)
-    print(f"fxkd demo: pruning the shipped {args.arch} teacher and recovering it "
-          f"({', '.join(modes)})...", file=sys.stderr, flush=True)  # fmt: skip
+    _show_progress()
     r = run_demo(
         arch=args.arch,
         ratio=args.ratio,
@@ -115,6 +131,7 @@ def _demo(args: argparse.Namespace) -> int:
         modes=modes,
         onnx=onnx_path,
         data_dir=args.data_dir,
+        test_set=args.test_set,
         seed=args.seed,
         device=args.device,
     )
@@ -150,6 +167,7 @@ def _demo(args: argparse.Namespace) -> int:
     reports = {m: res.report for m, res in r.results.items()}
     title = (f"fxkd demo: Fashion-MNIST {args.arch}, L1-pruned {args.ratio:.0%}, "
              f"{r.num_samples} unlabelled samples")  # fmt: skip
+    logging.getLogger("fxkd.cli.demo").info("drawing %s", out / "fxkd-demo.png")
     written.append(plot_demo(out / "fxkd-demo.png", accuracies, reports, title))
     print("wrote:")
     for path in written:
@@ -157,6 +175,25 @@ def _demo(args: argparse.Namespace) -> int:
     if onnx_path is not None and not r.compress_result.onnx.passed:
         return 1
     return 0
+
+
+def _show_progress() -> None:
+    """The demo's steps (logged by fxkd.cli.demo) as lines on stderr, beside tqdm's bars."""
+    log = logging.getLogger("fxkd.cli.demo")
+    if log.getEffectiveLevel() > logging.INFO:
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("fxkd demo: %(message)s"))
+        log.addHandler(handler)
+        log.setLevel(logging.INFO)
+        log.propagate = False
+
+
+def _device(value: str) -> str:
+    """cpu, cuda or cuda:N (argparse type: anything else is a one-line usage error)."""
+    head, _, index = value.partition(":")
+    if value == "cpu" or (head == "cuda" and (not index or index.isdigit())):
+        return value
+    raise argparse.ArgumentTypeError(f"{value!r}: expected cpu, cuda or cuda:N")
 
 
 class _Parser(argparse.ArgumentParser):
@@ -179,30 +216,74 @@ def build_parser() -> argparse.ArgumentParser:
         "demo", help="recover a pruned Fashion-MNIST VGG (ships with fxkd)", epilog=EXAMPLES["demo"]
     )
     demo.add_argument(
-        "--out", default="fxkd-demo", help="folder for the ONNX file, the PNG and the student"
-    )
-    demo.add_argument("--device", default="cpu", help="where everything runs: cpu or cuda")
-    demo.add_argument(
-        "--arch", choices=["vgg", "resnet"], default="vgg", help="which shipped teacher"
-    )
-    demo.add_argument(
-        "--ratio", type=float, default=0.5, help="share of every conv's filters pruned (L1)"
+        "--out",
+        default="fxkd-demo",
+        help="folder the demo writes student.onnx, student.pt and fxkd-demo.png into "
+        "(default: %(default)s)",
     )
     demo.add_argument(
-        "--samples", type=int, default=100, help="unlabelled samples to recover from (N)"
+        "--device",
+        type=_device,
+        default="cpu",
+        help="where pruning, recovery and evaluation run: cpu, cuda or cuda:N "
+        "(default: %(default)s)",
+    )
+    demo.add_argument(
+        "--arch",
+        choices=["vgg", "resnet"],
+        default="vgg",
+        help="which shipped Fashion-MNIST teacher is pruned (default: %(default)s)",
+    )
+    demo.add_argument(
+        "--ratio",
+        type=float,
+        default=0.5,
+        help="share of every conv's filters removed by L1 pruning, in [0, 1) "
+        "(default: %(default)s)",
+    )
+    demo.add_argument(
+        "--samples",
+        type=int,
+        default=100,
+        help="how many unlabelled images the student is recovered from, 1..1000 "
+        "(default: %(default)s)",
     )
     demo.add_argument(
         "--mode",
         choices=["pointwise", "kernel", "both"],
         default="both",
-        help="calibration mode(s); the last one is exported",
-    )
-    demo.add_argument("--seed", type=int, default=0, help="which samples are drawn")
-    demo.add_argument(
-        "--data-dir", default=None, help="Fashion-MNIST IDX files for the full test set"
+        help="pointwise (the paper's 1x1 Q), kernel (the whole kernel, fxkd's default) or "
+        "both, one after the other; the last one run is exported (default: %(default)s)",
     )
     demo.add_argument(
-        "--no-onnx", action="store_true", help="skip the ONNX export and onnxruntime check"
+        "--seed",
+        type=int,
+        default=0,
+        help="seed that picks the unlabelled images from the shipped pool (default: %(default)s)",
+    )
+    demo.add_argument(
+        "--data-dir",
+        default=None,
+        help="folder with the Fashion-MNIST IDX files, to measure accuracy on the full test set "
+        "(else $FXKD_DATA or /usr/share/datasets/fashion-mnist is looked in)",
+    )
+    demo.add_argument(
+        "--test-set",
+        choices=["auto", "full", "shipped"],
+        default="auto",
+        help="accuracy on the full 10,000-image test set (full), on the shipped 2,000-image "
+        "subset (shipped, faster), or the full one when found (auto)",
+    )
+    demo.add_argument(
+        "--no-onnx",
+        action="store_true",
+        help="skip the ONNX export and the onnxruntime check (no onnxruntime needed)",
+    )
+    demo.add_argument(
+        "--onnx",
+        metavar="PATH",
+        default=None,
+        help="write the ONNX file here instead of OUT/student.onnx",
     )
     demo.set_defaults(run=_demo)
 
