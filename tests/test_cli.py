@@ -13,22 +13,21 @@ def _fxkd(*args, timeout=600):
     )
 
 
-def test_demo_writes_a_validated_onnx_file_a_picture_and_the_table(tmp_path):
-    """fxkd demo --out DIR: the table's rows (accuracy, parameters, MACs), an ONNX file that
-    loads, passes onnx.checker and matches the recovered student under onnxruntime, a real PNG
-    of the expected size, and the paths it printed."""
+def _shipped_test_images(n: int):
+    """The first ``n`` shipped test images, normalised as the demo feeds them: (n, 1, 28, 28)."""
     import numpy as np
-    import onnx
-    import onnxruntime as ort
     import torch
-    from matplotlib.image import imread
 
-    from fxkd.cli.plot import SIZE
+    from fxkd.cli.datasets import normalize
+    from fxkd.cli.demo import ASSETS
 
-    out = _fxkd("demo", "--samples", "100", "--out", str(tmp_path))
-    assert out.returncode == 0, out.stderr
-    text = out.stdout
-    rows = {
+    images = np.load(ASSETS / "fashion_mnist_subset.npz")["test_images"][:n]
+    return normalize(torch.from_numpy(images)).numpy()
+
+
+def _table(text: str) -> dict[str, tuple[float, int, int]]:
+    """The demo table's rows: name -> (accuracy %, parameters, MACs per sample)."""
+    return {
         name: (float(acc), int(params.replace(",", "")), int(macs.replace(",", "")))
         for name, acc, params, macs in re.findall(
             r"^  (teacher|student as pruned|fxkd \w+ recovered)\s+([\d.]+)%\s+([\d,]+)\s+"
@@ -37,47 +36,144 @@ def test_demo_writes_a_validated_onnx_file_a_picture_and_the_table(tmp_path):
             re.M,
         )
     }
+
+
+def _written(text: str) -> list[str]:
+    return text.split("\nwrote:\n")[1].split()
+
+
+def test_demo_writes_a_validated_onnx_file_a_picture_and_the_table(tmp_path):
+    """fxkd demo --out DIR: the table's rows (accuracy, parameters, MACs), an ONNX file that
+    loads, passes onnx.checker and matches the recovered student under onnxruntime, a real PNG
+    of the expected size, the paths it printed, and progress lines on stderr while it works."""
+    import numpy as np
+    import onnx
+    import onnxruntime as ort
+    import torch
+    from matplotlib.image import imread
+
+    from fxkd.cli.plot import SIZE
+
+    out = _fxkd("demo", "--samples", "100", "--test-set", "shipped", "--out", str(tmp_path))
+    assert out.returncode == 0, out.stderr
+    text = out.stdout
+    rows = _table(text)
     assert set(rows) == {"teacher", "student as pruned", "fxkd pointwise recovered",
                          "fxkd kernel recovered"}, text  # fmt: skip
     teacher, pruned = rows["teacher"], rows["student as pruned"]
     for mode in ("pointwise", "kernel"):
         acc, params, macs = rows[f"fxkd {mode} recovered"]
         assert acc > pruned[0] + 5 and (params, macs) == pruned[1:], text
+    assert teacher[0] > 90 and pruned[1] < teacher[1] / 3
     assert pruned[2] < teacher[2] / 3  # half the filters of every conv: a quarter of the MACs
+    assert "accuracy on the shipped Fashion-MNIST test subset (2,000 images)" in text
     assert "fxkd report: kernel mode, mirror alignment, fx capture, 100 samples" in text
-    assert re.search(r"ONNX \(kernel\): student\.onnx [\d,]+ KiB .*validation passed", text)
+    size = re.search(r"ONNX \(kernel\): student\.onnx ([\d,]+) KiB .*validation passed", text)
+    assert size, text
+    onnx_file = tmp_path / "student.onnx"
+    assert int(size.group(1).replace(",", "")) == round(onnx_file.stat().st_size / 1024)
+    for step in ("pruning vgg", "recovering the student in kernel mode", "drawing"):
+        assert f"fxkd demo: {step}" in out.stderr, out.stderr
 
-    printed = text.split("wrote:")[1].split()
-    expected = [tmp_path / "student.onnx", tmp_path / "student.pt", tmp_path / "fxkd-demo.png"]
-    assert printed == [str(p) for p in expected], text
-    model = onnx.load(tmp_path / "student.onnx")
+    expected = [onnx_file, tmp_path / "student.pt", tmp_path / "fxkd-demo.png"]
+    assert _written(text) == [str(p) for p in expected], text
+    model = onnx.load(onnx_file)
     onnx.checker.check_model(model, full_check=True)
     student = torch.load(tmp_path / "student.pt", weights_only=False)
-    x = np.random.default_rng(0).standard_normal((4, 1, 28, 28)).astype(np.float32)
-    session = ort.InferenceSession(str(tmp_path / "student.onnx"),
-                                   providers=["CPUExecutionProvider"])  # fmt: skip
+    x = _shipped_test_images(64)
+    session = ort.InferenceSession(str(onnx_file), providers=["CPUExecutionProvider"])
     got = session.run(None, {session.get_inputs()[0].name: x})[0]
     with torch.no_grad():
         want = student(torch.from_numpy(x)).numpy()
     np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
+    assert (got.argmax(1) == want.argmax(1)).all()
     image = imread(tmp_path / "fxkd-demo.png")
     assert image.shape[:2] == (SIZE[1], SIZE[0]) and image.std() > 0.05
 
 
-def test_bad_arguments_exit_non_zero_with_a_reason():
+def test_demo_onnx_path_and_one_mode(tmp_path):
+    """--onnx PATH puts the file there (not in OUT); --mode pointwise runs and exports one mode."""
+    import onnx
+
+    target = tmp_path / "deploy" / "vgg.onnx"
+    out = _fxkd("demo", "--mode", "pointwise", "--samples", "20", "--test-set", "shipped",
+                "--out", str(tmp_path / "out"), "--onnx", str(target))  # fmt: skip
+    assert out.returncode == 0, out.stderr
+    assert set(_table(out.stdout)) == {"teacher", "student as pruned", "fxkd pointwise recovered"}
+    assert "fxkd report: pointwise mode" in out.stdout
+    assert re.search(r"ONNX \(pointwise\): vgg\.onnx .*validation passed", out.stdout)
+    assert _written(out.stdout) == [str(target), str(tmp_path / "out" / "student.pt"),
+                                    str(tmp_path / "out" / "fxkd-demo.png")]  # fmt: skip
+    assert not (tmp_path / "out" / "student.onnx").exists()
+    onnx.checker.check_model(onnx.load(target))
+
+
+def test_demo_without_an_extra_names_it_or_skips_the_onnx_part(tmp_path):
+    """A missing onnxruntime (or matplotlib) ends the demo with status 2 and one line naming the
+    extra; with --no-onnx the demo runs without onnxruntime and says the ONNX part was skipped."""
+
+    def without(package, *args):
+        code = (f"import sys; sys.modules[{package!r}] = None; from fxkd.cli.main import main; "
+                f"raise SystemExit(main({list(args)!r}))")  # fmt: skip
+        return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                              timeout=600)  # fmt: skip
+
+    for package in ("onnxruntime", "matplotlib"):
+        out = without(package, "demo", "--out", str(tmp_path / package))
+        assert out.returncode == 2, out.stderr
+        assert out.stderr.strip() == f"fxkd: error: the demo needs {package}: pip install " + (
+            "'fxkd[demo]'" + (" (or pass --no-onnx)" if package == "onnxruntime" else "")
+        )
+    out = without("onnxruntime", "demo", "--no-onnx", "--mode", "pointwise", "--samples", "10",
+                  "--test-set", "shipped", "--out", str(tmp_path / "plain"))  # fmt: skip
+    assert out.returncode == 0, out.stderr
+    assert "ONNX: skipped (--no-onnx)" in out.stdout
+    assert sorted(p.name for p in (tmp_path / "plain").iterdir()) == ["fxkd-demo.png",
+                                                                      "student.pt"]  # fmt: skip
+
+
+def test_bad_arguments_exit_non_zero_with_a_reason(tmp_path, capsys):
+    # end to end: argparse's errors and the demo's own checks exit 2 with one line
     out = _fxkd("demo", "--arch", "alexnet")
-    assert out.returncode == 2 and "invalid choice" in out.stderr
+    assert (
+        out.returncode == 2
+        and out.stderr.startswith("fxkd demo: error:")
+        and ("invalid choice" in out.stderr)
+    )
     assert len(out.stderr.strip().splitlines()) == 1, out.stderr
-    out = _fxkd("demo", "--out", "/tmp/fxkd-demo-test", "--ratio", "1.5")
-    assert out.returncode == 2 and "ratio" in out.stderr
-    assert "error" in out.stderr.splitlines()[-1]
-    for bad in (["--samples", "0"], ["--device", "cuda:7"], ["--onnx", "x.onnx"]):
-        out = _fxkd("demo", "--out", "/tmp/fxkd-demo-test", *bad)
-        if bad[0] == "--device" and "no CUDA device" not in out.stderr:
-            continue  # a machine with that GPU runs the demo instead
-        assert out.returncode == 2, (bad, out.stderr)
-        lines = out.stderr.strip().splitlines()
-        assert len(lines) == 1 and lines[0].startswith(("fxkd: error:", "fxkd demo: error:")), bad
+    out = _fxkd("demo", "--out", str(tmp_path / "o"), "--ratio", "1.5")
+    assert out.returncode == 2 and out.stderr.strip().splitlines() == [
+        "fxkd: error: --ratio 1.5 must be in [0, 1)"
+    ]
+    # the rest in process (same code, no interpreter start-up per case)
+    from fxkd.cli.main import main
+
+    a_file = tmp_path / "a-file"
+    a_file.write_text("")
+    cases = {
+        ("--samples", "0"): "--samples 0",
+        ("--samples", "abc"): "--samples",
+        ("--device", "tpu"): "--device",
+        ("--test-set", "all"): "--test-set",
+        ("--no-onnx", "--onnx", "x.onnx"): "--no-onnx",
+        ("--data-dir", str(tmp_path)): "--data-dir",
+        ("--out", str(a_file)): "is a file",
+        ("--bogus",): "unrecognized arguments",
+    }
+    for bad, reason in cases.items():
+        argv = ["demo", *bad] if "--out" in bad else ["demo", "--out", str(tmp_path / "o"), *bad]
+        try:
+            status = main(argv)
+        except SystemExit as stop:  # argparse exits
+            status = stop.code
+        err = capsys.readouterr().err
+        assert status == 2, (bad, err)
+        lines = err.strip().splitlines()
+        assert len(lines) == 1 and reason in lines[0], (bad, err)
+        assert lines[0].startswith(("fxkd: error:", "fxkd demo: error:")), (bad, err)
+    out = _fxkd("demo", "--out", str(tmp_path / "o"), "--device", "cuda:7")
+    if "no CUDA device" in out.stderr:  # a machine with that GPU runs the demo instead
+        assert out.returncode == 2 and len(out.stderr.strip().splitlines()) == 1, out.stderr
 
 
 @pytest.mark.slow
@@ -207,17 +303,3 @@ def test_fashion_mnist_runs_split_over_processes_merge_into_one_table(tmp_path):
         assert png.stat().st_size > 10_000
     else:
         assert not png.exists() and "matplotlib is not installed" in out.stderr
-
-
-def test_demo_names_the_extra_that_brings_a_missing_package(monkeypatch):
-    import importlib.util
-
-    from fxkd.cli.main import demo_requirements
-
-    real = importlib.util.find_spec
-    monkeypatch.setattr(
-        importlib.util, "find_spec", lambda name: None if name == "onnxruntime" else real(name)
-    )
-    message = demo_requirements(onnx=True)
-    assert "onnxruntime" in message and "fxkd[demo]" in message and "--no-onnx" in message
-    assert demo_requirements(onnx=False) is None

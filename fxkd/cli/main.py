@@ -160,6 +160,8 @@ def _demo(args: argparse.Namespace) -> int:
         print(f"  ONNX ({last}): {onnx_path.name} {size / 1024:,.0f} KiB (the student's fp32 "
               f"weights {weights / 1024:,.0f} KiB); {report}")  # fmt: skip
         written.append(onnx_path)
+    else:
+        print("  ONNX: skipped (--no-onnx): no export, no onnxruntime check")
     torch.save(r.compress_result.model.cpu(), out / "student.pt")
     written.append(out / "student.pt")
     accuracies = {"teacher": r.teacher_acc, "pruned": r.pruned_acc}
