@@ -1,6 +1,6 @@
 """The ``fxkd`` command.
 
-fxkd demo                      recover a pruned Fashion-MNIST VGG from 100 unlabelled images
+fxkd demo                      prune the shipped VGG, recover it, export ONNX, draw a PNG
 fxkd compress --teacher T --student S --data D --samples N --onnx out.onnx
 fxkd validate out.onnx --reference student.pt --data D
 """
@@ -215,7 +215,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sub = parser.add_subparsers(dest="command", required=True)
     demo = sub.add_parser(
-        "demo", help="recover a pruned Fashion-MNIST VGG (ships with fxkd)", epilog=EXAMPLES["demo"]
+        "demo",
+        help="prune a shipped Fashion-MNIST teacher, recover it from 100 unlabelled images, "
+        "export it to ONNX and check it, draw a picture",
+        epilog=EXAMPLES["demo"],
     )
     demo.add_argument(
         "--out",
