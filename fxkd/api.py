@@ -14,10 +14,11 @@ import torch.fx as fx
 from torch import nn
 
 from fxkd.align import Alignment, align
-from fxkd.capture import trace
+from fxkd.capture import capture, capture_error
 from fxkd.config import CompressConfig
-from fxkd.data import take_samples
-from fxkd.errors import ConfigError
+from fxkd.data import take_inputs
+from fxkd.errors import ConfigError, TraceError
+from fxkd.inputs import Inputs
 from fxkd.onnx import ValidationReport, export_onnx_counted, exported_elements, validate_onnx
 from fxkd.passes import CalibrateAdapters, FoldAdapters, FoldBatchNorm, InsertAdapters
 from fxkd.passes.memory import MemoryEstimate
@@ -71,7 +72,10 @@ def compress(
     """Recover ``student`` towards ``teacher`` from a few unlabelled samples of ``loader``.
 
     ``loader`` yields tensors, ``(input, label, ...)`` tuples or dicts (labels are ignored); a
-    tensor of samples works too. Options are CompressConfig fields, given whole (``config=``)
+    tensor of samples works too. A dict's entries named like ``teacher.forward``'s parameters
+    are keyword inputs (``input_ids`` + ``attention_mask``), a tuple's leading tensors the
+    required positional ones (see :func:`fxkd.inputs.bind_batch`); integer inputs are fine.
+    Options are CompressConfig fields, given whole (``config=``)
     or as keywords (``num_samples=256, mode="kernel", ...``), keywords winning. With ``onnx=``
     the result is exported there and validated with onnxruntime on the samples.
 
@@ -81,7 +85,7 @@ def compress(
     if not isinstance(teacher, nn.Module) or not isinstance(student, nn.Module):
         raise ConfigError("teacher and student must be torch.nn.Module instances")
     cfg = (config or CompressConfig()).replace(**options)
-    samples = take_samples(loader, cfg.num_samples, key=cfg.input_key, seed=cfg.seed)
+    samples = take_inputs(loader, cfg.num_samples, key=cfg.input_key, seed=cfg.seed, model=teacher)
     device = torch.device(cfg.device) if cfg.device else module_device(student)
     # shapes, alignment and export need a batch, not the samples: ShapeProp runs the model on
     # it (three traces; on a 64-sample chunk they cost as much as the calibration's forwards)
@@ -90,11 +94,11 @@ def compress(
     # half-precision models calibrate as fp32 copies; the result returns in the student's dtype
     out_dtype = module_dtype(student)
     teacher_run = _at_least_fp32(teacher)
-    teacher_gm = trace(teacher_run, to_module(example, teacher_run), leaf_modules=cfg.leaf_modules)
     student_run = _at_least_fp32(student)
-    reference = trace(student_run, to_module(example, student_run), leaf_modules=cfg.leaf_modules)
     work = copy.deepcopy(student_run).to(device)
-    student_gm = trace(work, to_module(example, work), leaf_modules=cfg.leaf_modules)
+    (teacher_gm, reference, student_gm), method = _capture_all(
+        cfg, example, (teacher_run, student_run, work)
+    )
     maps, source = dict(cfg.channel_maps), "given"
     if not maps:
         maps, source = channel_maps_of(student), "builder"
@@ -133,12 +137,18 @@ def compress(
         student_gm.to(out_dtype)
 
     report = _report(alignment, insert, calibrate, fold, adapter_of, cfg, len(samples))
+    report.capture = method
     validation = None
     if onnx is not None:
         path, elements = export_onnx_counted(student_gm, to_module(example, student_gm), onnx)
         original = copy.deepcopy(student).to(device)
         if cfg.fold_batchnorm:
-            original = trace(original, leaf_modules=cfg.leaf_modules)
+            original = capture(
+                original,
+                to_module(example, original),
+                method=method,
+                leaf_modules=cfg.leaf_modules,
+            )
             FoldBatchNorm()(original)
         validation = validate_onnx(
             path,
@@ -150,6 +160,36 @@ def compress(
             reference_elements=exported_elements(original, to_module(example, original)),
         )
     return CompressResult(student_gm, report, validation, alignment, calibrate.memory)
+
+
+def _capture_all(
+    cfg: CompressConfig, example: Inputs, models: tuple[nn.Module, ...]
+) -> tuple[list[fx.GraphModule], str]:
+    """Every model captured by one front-end (graphs of one flavour align node for node), and
+    its name: ``cfg.capture``, or under ``"auto"`` symbolic tracing when it captures every
+    model, else ``torch.export`` for all. TraceError names each front-end's failure."""
+
+    def run(method: str) -> list[fx.GraphModule]:
+        return [
+            capture(m, to_module(example, m), method=method, leaf_modules=cfg.leaf_modules)
+            for m in models
+        ]
+
+    if cfg.capture != "auto":
+        return run(cfg.capture), cfg.capture
+    try:
+        return run("fx"), "fx"
+    except TraceError as fx_error:
+        if not fx_error.attempts:  # captured, but the samples do not fit the model
+            raise
+        log.info("symbolic tracing failed; capturing with torch.export: %s", fx_error)
+        try:
+            return run("export"), "export"
+        except TraceError as export_error:
+            attempts = {**fx_error.attempts, **export_error.attempts}
+            raise capture_error(
+                " and ".join(sorted({type(m).__name__ for m in models})), attempts
+            ) from export_error
 
 
 def _report(alignment, insert, calibrate, fold, adapter_of, cfg, num_samples) -> Report:

@@ -7,6 +7,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from fxkd.capture import CAPTURE_METHODS
 from fxkd.errors import ConfigError
 
 __all__ = ["DEFAULT_RIDGE", "MODES", "CompressConfig"]
@@ -36,8 +37,14 @@ class CompressConfig:
         device: where calibration runs (``"cpu"``, ``"cuda"``, ...); default: the student's device.
         channel_maps: for pruned students, ``{student producer module name: kept teacher output
             channels}``; the teacher target at that site is restricted to those channels.
+        capture: how the models become graphs (``fxkd.capture``): ``"fx"`` (symbolic tracing),
+            ``"export"`` (``torch.export``, non-strict), or ``"auto"`` (default: symbolic
+            tracing, ``torch.export`` for both models when either cannot be traced). The report
+            says which one ran.
         leaf_modules: extra module types that torch.fx must not trace into.
-        input_key: for loaders that yield dicts, the key holding the input tensor.
+        input_key: for loaders that yield dicts holding one input and labels, the key of the
+            input tensor. Without it, a dict's entries named like ``forward``'s parameters
+            (``input_ids``, ``attention_mask``, ...) are passed as keyword inputs.
         seed: seeds torch's RNG while samples are drawn (shuffling loaders become reproducible).
         fold_batchnorm: also fuse every eval BatchNorm into its conv/linear after folding adapters
             (deployment form; changes parameter shapes, so off by default).
@@ -74,6 +81,7 @@ class CompressConfig:
     chunk_size: int = 64
     device: str | None = None
     channel_maps: Mapping[str, Sequence[int]] = field(default_factory=dict)
+    capture: str = "auto"
     leaf_modules: tuple[type, ...] = ()
     input_key: str | None = None
     seed: int = 0
@@ -93,6 +101,8 @@ class CompressConfig:
             raise ConfigError(f"mode={self.mode!r} is not one of {MODES}")
         if self.granularity not in GRANULARITIES:
             raise ConfigError(f"granularity={self.granularity!r} is not one of {GRANULARITIES}")
+        if self.capture not in CAPTURE_METHODS:
+            raise ConfigError(f"capture={self.capture!r} is not one of {CAPTURE_METHODS}")
         if not (isinstance(self.num_samples, int) and self.num_samples > 0):
             raise ConfigError(f"num_samples={self.num_samples!r} must be a positive int")
         if not (isinstance(self.chunk_size, int) and self.chunk_size > 0):

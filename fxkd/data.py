@@ -1,80 +1,61 @@
-"""Samples: take N unlabelled inputs from whatever a loader yields."""
+"""Samples: take N unlabelled inputs (one tensor or several) from whatever a loader yields."""
 
 from __future__ import annotations
 
 import logging
 import warnings
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import torch
 
 from fxkd.errors import DataError, EmptyLoaderError
+from fxkd.inputs import Inputs, bind_batch
 
-__all__ = ["first_tensor", "take_samples"]
+__all__ = ["first_tensor", "take_inputs", "take_samples"]
 
 log = logging.getLogger(__name__)
 
 
 def first_tensor(batch: Any, key: str | None = None) -> torch.Tensor:
     """The input tensor of one batch: the batch itself, its first element, or ``batch[key]``."""
-    if isinstance(batch, torch.Tensor):
-        return batch
-    if isinstance(batch, dict):
-        if key is None:
-            key = next(iter(batch), None)
-        if key not in batch:
-            raise DataError(
-                f"the loader yields dicts with keys {sorted(batch)}, and input_key={key!r} is not "
-                "one of them. Hint: pass input_key= naming the input tensor's key."
-            )
-        value = batch[key]
-    elif isinstance(batch, (tuple, list)) and batch:
-        value = batch[0]
-    else:
-        value = batch
-    if not isinstance(value, torch.Tensor):
-        raise DataError(
-            f"the loader yields {type(value).__name__}, not a tensor (batch type "
-            f"{type(batch).__name__}). Hint: yield tensors, (tensor, label) pairs, or dicts with "
-            "input_key naming the tensor."
-        )
-    return value
+    inputs = bind_batch(batch, key)
+    if inputs.single is None:  # pragma: no cover - bind_batch without a model binds one input
+        raise DataError(f"the batch holds several inputs: {inputs.describe()}")
+    return inputs.single
 
 
-def take_samples(
-    loader: Iterable[Any] | torch.Tensor,
+def take_inputs(
+    loader: Iterable[Any] | torch.Tensor | Inputs,
     num_samples: int,
     *,
     key: str | None = None,
     seed: int = 0,
-) -> torch.Tensor:
-    """The first ``num_samples`` inputs the loader yields, as one tensor (labels are dropped).
+    model: Callable[..., Any] | None = None,
+) -> Inputs:
+    """The first ``num_samples`` samples the loader yields, as :class:`~fxkd.inputs.Inputs`.
 
-    ``loader`` may be a tensor of samples, or any iterable of batches (DataLoader, list, ...).
-    torch's RNG is seeded while it is iterated, so shuffling loaders give the same samples every
-    run; the global RNG state is restored afterwards. Fewer samples than asked: a warning, and
-    the ones there are. None: EmptyLoaderError.
+    Each batch is bound to ``model``'s ``forward`` by :func:`~fxkd.inputs.bind_batch`: a tensor,
+    a dict of keyword inputs (``input_ids`` + ``attention_mask``), a tuple of positional ones;
+    labels are dropped. ``num_samples`` counts samples (rows along dim 0), whatever the number
+    of inputs. torch's RNG is seeded while the loader is iterated, so shuffling loaders give the
+    same samples every run; the global RNG state is restored afterwards. Fewer samples than
+    asked: a warning, and the ones there are. None: EmptyLoaderError.
     """
-    if isinstance(loader, torch.Tensor):
+    if isinstance(loader, (torch.Tensor, Inputs)):
         batches: Iterable[Any] = [loader]
     else:
         batches = loader
-    taken: list[torch.Tensor] = []
+    taken: list[Inputs] = []
     count = 0
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         for batch in batches:
-            x = first_tensor(batch, key)
-            if x.dim() == 0:
-                raise DataError("the loader yields 0-d tensors; expected a batch dimension first")
-            if taken and x.shape[1:] != taken[0].shape[1:]:
-                raise DataError(
-                    f"batch shapes disagree: {tuple(taken[0].shape[1:])} then "
-                    f"{tuple(x.shape[1:])} (per sample). Hint: resize inputs to one shape."
-                )
-            taken.append(x[: num_samples - count].detach())
-            count += taken[-1].shape[0]
+            inputs = bind_batch(batch, key, model)
+            taken.append(inputs[: num_samples - count].detach())
+            if len(taken) > 1:  # structure and per-sample shapes checked as they come
+                Inputs.cat(taken[:1] + taken[-1:])
+            count += len(taken[-1])
             if count >= num_samples:
                 break
     if count == 0:
@@ -85,6 +66,19 @@ def take_samples(
     if count < num_samples:
         warnings.warn(
             f"asked for num_samples={num_samples} but the loader yielded {count}; using {count}",
-            stacklevel=2,
+            stacklevel=3,
         )
-    return torch.cat(taken)
+    return Inputs.cat(taken)
+
+
+def take_samples(
+    loader: Iterable[Any] | torch.Tensor,
+    num_samples: int,
+    *,
+    key: str | None = None,
+    seed: int = 0,
+) -> torch.Tensor:
+    """``take_inputs`` for a model with one tensor input: the samples as one tensor."""
+    inputs = take_inputs(loader, num_samples, key=key, seed=seed)
+    assert inputs.single is not None  # bind_batch without a model binds one input
+    return inputs.single

@@ -27,7 +27,13 @@ class ConfigError(FxkdError, ValueError):
 
 
 class TraceError(FxkdError):
-    """torch.fx could not trace a model (data-dependent control flow, unsupported calls, ...)."""
+    """No front-end could capture a model (data-dependent control flow, unsupported calls, ...)
+    or the captured graph does not run on the samples. ``attempts``: each front-end tried and
+    why it failed."""
+
+    def __init__(self, message: str, attempts: dict[str, str] | None = None) -> None:
+        super().__init__(message)
+        self.attempts = dict(attempts or {})
 
 
 class AlignmentError(FxkdError):

@@ -9,6 +9,8 @@ from collections.abc import Iterator
 import torch
 from torch import nn
 
+from fxkd.inputs import Inputs
+
 __all__ = ["full_precision", "module_device", "module_dtype", "to_module"]
 
 
@@ -40,6 +42,11 @@ def module_dtype(module: nn.Module) -> torch.dtype:
     return p.dtype if p is not None else torch.float32
 
 
-def to_module(x: torch.Tensor, module: nn.Module) -> torch.Tensor:
-    """``x`` on the module's device, in its floating dtype."""
+def to_module(x: torch.Tensor | Inputs, module: nn.Module) -> torch.Tensor | Inputs:
+    """``x`` on the module's device; floating inputs in its floating dtype (token ids and
+    masks keep theirs)."""
+    if isinstance(x, Inputs):
+        return x.to(module_device(module), module_dtype(module))
+    if not x.is_floating_point():
+        return x.to(module_device(module))
     return x.to(module_device(module), module_dtype(module))

@@ -23,18 +23,24 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from fxkd.align import Alignment
-from fxkd.capture import trace
+from fxkd.capture import capture
 from fxkd.errors import ConfigError
+from fxkd.inputs import Inputs
 from fxkd.placement import module_device, to_module
 
 __all__ = ["polish"]
 
 
-def _tapped(model: nn.Module, names: Sequence[str], example: torch.Tensor) -> fx.GraphModule:
+def _tapped(
+    model: nn.Module, names: Sequence[str], example: Inputs
+) -> Callable[[Inputs], tuple[torch.Tensor, ...]]:
     """A traced view of ``model`` (sharing its parameters) that returns its values at
-    ``names``; unknown names raise ConfigError listing the graph's nodes."""
-    traced = trace(model, example)  # a GraphModule passes through: work on a graph copy
-    gm = fx.GraphModule(traced, copy.deepcopy(traced.graph))
+    ``names`` for a batch of inputs; unknown names raise ConfigError listing the graph's
+    nodes."""
+    traced = capture(model, example)  # a GraphModule passes through: work on a graph copy
+    graph = copy.deepcopy(traced.graph)
+    graph._codegen = fx.graph.CodeGen()  # placeholders in, the tapped tuple out
+    gm = fx.GraphModule(traced, graph)
     nodes = {n.name: n for n in gm.graph.nodes}
     missing = [n for n in names if n not in nodes]
     if missing:
@@ -46,13 +52,13 @@ def _tapped(model: nn.Module, names: Sequence[str], example: torch.Tensor) -> fx
     output.args = (tuple(nodes[n] for n in names),)
     gm.graph.eliminate_dead_code()
     gm.recompile()
-    return gm
+    return lambda inputs: gm(*inputs.placeholder_values(traced))
 
 
 def polish(
     teacher: nn.Module,
     student: nn.Module,
-    samples: torch.Tensor,
+    samples: torch.Tensor | Inputs,
     points: Alignment | Sequence[tuple[str, str]],
     *,
     channel_maps: Sequence[Sequence[int] | None] | None = None,
@@ -88,6 +94,7 @@ def polish(
         dims = [1] * len(pairs)
     if not pairs or len(maps) != len(pairs):
         raise ConfigError("polish needs at least one (student, teacher) point and one map each")
+    samples = Inputs.of(samples)
     model = copy.deepcopy(student).eval()
     device = module_device(model)
     example = to_module(samples[:2], model)

@@ -12,7 +12,8 @@ a user relies on, for the model-zoo table and for one's own models.
   identity adapter (``err_before``: the student's own layer fed by the already-corrected
   student) — the solve minimises ``||XW − Y||² + λ||W − W0||²`` with ``W0`` that layer, so this
   must be none, up to fp32 rounding;
-- onnx: onnxruntime parity of the exported result and the structural size check.
+- onnx: onnxruntime parity of the exported result and the structural size check;
+- capture: the front-end that captured the models (``"fx"`` or ``"export"``).
 """
 
 from __future__ import annotations
@@ -26,7 +27,8 @@ import torch
 from torch import nn
 
 from fxkd.api import CompressResult, compress
-from fxkd.capture import node_shape, trace
+from fxkd.capture import capture, node_shape
+from fxkd.inputs import Inputs
 from fxkd.passes.adapter import ADAPTER_TYPES
 
 __all__ = ["SupportRow", "check_support", "stage_sizes"]
@@ -49,6 +51,7 @@ class SupportRow:
     onnx_passed: bool | None
     onnx_same_size: bool | None
     seconds: float
+    capture: str = "fx"
     skip_reasons: dict[str, int] = field(default_factory=dict)
     result: CompressResult | None = None
 
@@ -85,7 +88,7 @@ def stage_sizes(gm: torch.fx.GraphModule) -> list[tuple[int, ...]]:
 def check_support(
     teacher: nn.Module,
     student: nn.Module,
-    samples: torch.Tensor,
+    samples: torch.Tensor | Inputs,
     *,
     onnx: bool = True,
     keep_result: bool = False,
@@ -102,7 +105,10 @@ def check_support(
         )
     seconds = time.perf_counter() - t0
     rows = result.report.calibrated
-    teacher_gm = trace(teacher, samples[:2])
+    method = result.report.capture
+    teacher_gm = capture(
+        teacher, Inputs.of(samples)[:2], method=method, leaf_modules=options.get("leaf_modules", ())
+    )
     stages = stage_sizes(teacher_gm)
     shapes = {n.name: node_shape(n) for n in teacher_gm.graph.nodes}
     aligned = {
@@ -135,6 +141,7 @@ def check_support(
         onnx_passed=None if result.onnx is None else result.onnx.passed,
         onnx_same_size=None if result.onnx is None else result.onnx.same_size,
         seconds=seconds,
+        capture=method,
         skip_reasons=reasons,
         result=result if keep_result else None,
     )

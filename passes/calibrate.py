@@ -35,6 +35,7 @@ from tqdm.auto import tqdm
 from fxkd.capture import eval_mode, trace
 from fxkd.config import CompressConfig
 from fxkd.errors import CalibrationError
+from fxkd.inputs import Inputs
 from fxkd.nodes import clamp_bounds, redo_steps, undo_steps
 from fxkd.passes.memory import MemoryEstimate, check_fits
 from fxkd.passes.memory import estimate as estimate_memory
@@ -220,7 +221,7 @@ class CalibrateAdapters(FxkdPass):
     def __init__(
         self,
         teacher: nn.Module,
-        samples: torch.Tensor,
+        samples: torch.Tensor | Inputs,
         config: CompressConfig | None = None,
         reference: fx.GraphModule | None = None,
     ) -> None:
@@ -230,7 +231,7 @@ class CalibrateAdapters(FxkdPass):
             if isinstance(teacher, fx.GraphModule)
             else trace(teacher, leaf_modules=self.config.leaf_modules)
         )
-        self.samples = samples
+        self.samples = Inputs.of(samples)
         self.reference = reference
         self.records: dict[str, SiteRecord] = {}
         self.memory: MemoryEstimate | None = None
@@ -268,7 +269,7 @@ class CalibrateAdapters(FxkdPass):
         offload = self.config.offload
         teacher = GraphRunner(
             t_view,
-            [c.to(module_dtype(self.teacher)) for c in chunks],
+            [c.to(dtype=module_dtype(self.teacher)) for c in chunks],
             pinned=targets,
             device=module_device(self.teacher),
             offload=offload,
@@ -276,7 +277,7 @@ class CalibrateAdapters(FxkdPass):
         self._sources = projected_sources(groups.values())
         student = GraphRunner(
             gm,
-            [c.to(module_dtype(gm)) for c in chunks],
+            [c.to(dtype=module_dtype(gm)) for c in chunks],
             pinned=self._sources,
             device=device,
             offload=offload,
@@ -287,7 +288,7 @@ class CalibrateAdapters(FxkdPass):
             r_nodes = {n.name: n for n in r_view.graph.nodes}
             reference = GraphRunner(
                 r_view,
-                [c.to(module_dtype(self.reference)) for c in chunks],
+                [c.to(dtype=module_dtype(self.reference)) for c in chunks],
                 device=module_device(self.reference),
                 offload=offload,
             )
@@ -743,7 +744,7 @@ def _non_finite(where: str) -> str:
     )
 
 
-def _shard(samples: torch.Tensor) -> torch.Tensor:
+def _shard(samples: Inputs) -> Inputs:
     """This rank's share of the samples (every world_size-th one) under torch.distributed."""
     if dist.is_available() and dist.is_initialized():
         return samples[dist.get_rank() :: dist.get_world_size()]

@@ -23,25 +23,28 @@ from torch.fx.node import map_arg
 from torch.utils._pytree import tree_leaves, tree_map
 
 from fxkd.errors import CalibrationError
+from fxkd.inputs import Inputs
 from fxkd.nodes import in_place_operand
 
 __all__ = ["GraphRunner"]
 
 
 class GraphRunner:
-    """Runs ``gm`` over ``chunks`` (a list of input batches) lazily, in topological order."""
+    """Runs ``gm`` over ``chunks`` (a list of input batches: tensors, or
+    :class:`~fxkd.inputs.Inputs` for several inputs) lazily, in topological order."""
 
     def __init__(
         self,
         gm: fx.GraphModule,
-        chunks: list[torch.Tensor],
+        chunks: list[torch.Tensor] | list[Inputs],
         pinned: Iterable[fx.Node] = (),
         *,
         device: torch.device | str | None = None,
         offload: bool = False,
     ) -> None:
         self.gm = gm
-        self.device = torch.device(device) if device is not None else chunks[0].device
+        inputs = [Inputs.of(c) for c in chunks]
+        self.device = torch.device(device) if device is not None else inputs[0].device
         self.offload = offload and self.device.type != "cpu"
         self.held_bytes = 0
         self.peak_bytes = 0
@@ -49,17 +52,20 @@ class GraphRunner:
         self.nodes = list(gm.graph.nodes)
         self.index = {n: i for i, n in enumerate(self.nodes)}
         self.by_name = {n.name: n for n in self.nodes}
-        placeholders = [n for n in self.nodes if n.op == "placeholder"]
-        if len(placeholders) != 1:
-            raise CalibrationError(
-                f"{type(gm).__name__} takes {len(placeholders)} inputs; fxkd calibrates models "
-                "with exactly one tensor input. Hint: wrap the model so it takes one tensor."
-            )
-        self.chunks = [self._store(c) if self.offload else c.to(self.device) for c in chunks]
-        # storages the runner must never write: the samples handed in and the model's tensors
-        self._foreign = {
-            t.untyped_storage().data_ptr() for t in (*self.chunks, *_model_tensors(gm))
+        self._placeholder = {
+            n: i for i, n in enumerate(n for n in self.nodes if n.op == "placeholder")
         }
+        # per chunk, the value of each placeholder (several for several inputs)
+        self.chunks = [
+            [
+                self._store(v) if self.offload else _on(v, self.device)
+                for v in c.placeholder_values(gm)
+            ]
+            for c in inputs
+        ]
+        # storages the runner must never write: the samples handed in and the model's tensors
+        held = [v for c in self.chunks for v in c if isinstance(v, torch.Tensor)]
+        self._foreign = {t.untyped_storage().data_ptr() for t in (*held, *_model_tensors(gm))}
         self.remaining = {n: len(n.users) for n in self.nodes}
         self.pinned = set(pinned)
         self.env: dict[fx.Node, list] = {}
@@ -99,7 +105,7 @@ class GraphRunner:
         ``via(i)``, when given, computes chunk i's value another way (the caller vouches that
         it is the node's; e.g. a projected adapter through its producer's input)."""
         if node.op == "placeholder":
-            out = list(self.chunks)
+            out = [c[self._placeholder[node]] for c in self.chunks]
         elif node.op == "get_attr":
             attr = functools.reduce(getattr, str(node.target).split("."), self.gm)
             out = [attr] * len(self.chunks)
@@ -233,6 +239,10 @@ def _model_tensors(gm: fx.GraphModule) -> list[torch.Tensor]:
     for module in gm.modules():
         found += [v for v in vars(module).values() if isinstance(v, torch.Tensor)]
     return found
+
+
+def _on(value, device: torch.device):
+    return value.to(device) if isinstance(value, torch.Tensor) else value
 
 
 def _dense(t: torch.Tensor) -> bool:

@@ -1,4 +1,4 @@
-"""Model-zoo coverage: torchvision architectures × student kinds, random init, 64×64 inputs.
+"""Model-zoo coverage: torchvision and transformers architectures × student kinds, random init.
 
 For each case: at least one aligned pair per stage (spatial resolution) of the teacher, the
 report lists every adapter and every skipped producer, every adapter is folded, no adapter
@@ -17,7 +17,7 @@ from fxkd.students import channel_maps_of, prune
 from fxkd.students.streams import find_streams
 from fxkd.support import check_support
 
-from zoo_cases import ARCHS, KINDS, NO_BATCHNORM, build, make_case
+from zoo_cases import ARCHS, HF_ARCHS, KINDS, NO_BATCHNORM, NO_CONV, build, make_case
 
 DEFAULT = {
     ("resnet18", "l1"),
@@ -30,7 +30,12 @@ DEFAULT = {
 # conv chains; block outputs: RegNet's residual streams, ShuffleNet's routing regions)
 INTERNAL_ONLY = {"shufflenet_v2_x0_5", "regnet_x_400mf"}
 
-CASES = [(a, k) for a in ARCHS for k in KINDS if not (a in NO_BATCHNORM and k == "bn")]
+CASES = [
+    (a, k)
+    for a in ARCHS + HF_ARCHS
+    for k in KINDS
+    if not (a in NO_BATCHNORM and k == "bn") and not (a in NO_CONV and k == "decouple")
+]
 CASES.append(("resnet34", "depth"))
 
 

@@ -1,4 +1,5 @@
-"""The model-zoo support table: torchvision architectures × student kinds, checked end to end.
+"""The model-zoo support table: torchvision and transformers architectures × student kinds,
+checked end to end.
 
     python -m examples.benchmarks.zoo_support  # every case (about 20 min on 2 cores)
     python -m examples.benchmarks.zoo_support --archs resnet18 vit --kinds l1 decouple
@@ -18,23 +19,31 @@ from pathlib import Path
 
 from fxkd.errors import FxkdError
 from fxkd.support import check_support
-from tests.zoo_cases import ARCHS, DEPTH, KINDS, NO_BATCHNORM, make_case  # shared with test_zoo
+from tests.zoo_cases import (  # shared with test_zoo
+    ARCHS,
+    DEPTH,
+    HF_ARCHS,
+    KINDS,
+    NO_BATCHNORM,
+    NO_CONV,
+    make_case,
+)
 
 ROOT = Path(__file__).resolve().parents[2]
 
 START, END = "<!-- zoo-support:start -->", "<!-- zoo-support:end -->"
 
 
-def cell(arch: str, kind: str) -> tuple[str, str]:
-    """(table cell, detail line) for one case."""
+def cell(arch: str, kind: str) -> tuple[str, str, str | None]:
+    """(table cell, detail line, capture front-end or None) for one case."""
     try:
         case = make_case(arch, kind)
         row = check_support(case.teacher, case.student, case.samples)
     except FxkdError as exc:
         first = str(exc).splitlines()[0]
-        return "refused", f"{arch}/{kind}: refused, {type(exc).__name__}: {first}"
+        return "refused", f"{arch}/{kind}: refused, {type(exc).__name__}: {first}", None
     except Exception as exc:  # a crash is a result too: the table says so
-        return "ERROR", f"{arch}/{kind}: ERROR {type(exc).__name__}: {str(exc)[:200]}"
+        return "ERROR", f"{arch}/{kind}: ERROR {type(exc).__name__}: {str(exc)[:200]}", None
     stages = f"{len(row.stages_aligned)}/{len(row.stages)}"
     onnx = "ok" if row.onnx_passed and row.onnx_same_size else "FAIL"
     mark = "✓" if row.ok else "✗"
@@ -48,16 +57,16 @@ def cell(arch: str, kind: str) -> tuple[str, str]:
     detail = (
         f"{arch}/{kind}: {row.pairs} pairs, {row.skipped} skipped ({reasons}), "
         f"worse {len(row.worse)}, shapes {'same' if row.same_shapes else 'CHANGED'}, "
-        f"student {size:,} parameters, {row.seconds:.0f}s"
+        f"student {size:,} parameters, {row.capture} capture, {row.seconds:.0f}s"
     )
-    return text, detail
+    return text, detail, row.capture
 
 
 def _merged(old: str, lines: list[str], details: list[str], archs: list[str]):
     """The old table and details with the rows of ``archs`` replaced by the new ones."""
     new_rows = {ln.split("|")[1].strip(): ln for ln in lines[2:] if ln.startswith("| ")}
     new_depth = [ln for ln in lines if ln.startswith("\nDepth:")]
-    table, rest = old.split("\n\nEach cell:", 1)
+    table, rest = old.split("\n\ncapture: the front-end", 1)
     out = []
     for ln in table.splitlines():
         name = ln.split("|")[1].strip() if ln.startswith("| ") else None
@@ -80,7 +89,7 @@ def _merged(old: str, lines: list[str], details: list[str], archs: list[str]):
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--archs", nargs="+", default=ARCHS)
+    parser.add_argument("--archs", nargs="+", default=ARCHS + HF_ARCHS)
     parser.add_argument("--kinds", nargs="+", default=KINDS)
     parser.add_argument(
         "--out", type=Path, default=Path(__file__).parent / "results/zoo_support.md"
@@ -98,22 +107,27 @@ def main() -> None:
     warnings.simplefilter("ignore")
     logging.disable(logging.WARNING)
 
-    header = "| architecture | " + " | ".join(args.kinds) + " |"
-    lines = [header, "| --- |" + " --- |" * len(args.kinds)]
+    header = "| architecture | capture | " + " | ".join(args.kinds) + " |"
+    lines = [header, "| --- | --- |" + " --- |" * len(args.kinds)]
     details = []
     for arch in args.archs:
-        cells = []
+        cells, captures = [], set()
         for kind in args.kinds:
             if kind == "bn" and arch in NO_BATCHNORM:
                 cells.append("n/a (no BatchNorm)")
                 continue
-            text, detail = cell(arch, kind)
+            if kind == "decouple" and arch in NO_CONV:
+                cells.append("n/a (no conv)")
+                continue
+            text, detail, front = cell(arch, kind)
             print(detail, flush=True)
             cells.append(text)
             details.append(detail)
-        lines.append(f"| {arch} | " + " | ".join(cells) + " |")
+            captures |= {front} - {None}
+        front = "/".join(sorted(captures)) or "-"
+        lines.append(f"| {arch} | {front} | " + " | ".join(cells) + " |")
     if not args.no_depth:
-        text, detail = cell(DEPTH[0], "depth")
+        text, detail, _ = cell(DEPTH[0], "depth")
         print(detail, flush=True)
         details.append(detail)
         lines.append(
@@ -125,7 +139,8 @@ def main() -> None:
     table = "\n".join(lines)
     command = "python -m examples.benchmarks.zoo_support" + (" --readme" if args.readme else "")
     body = (
-        f"{table}\n\nEach cell: aligned pairs, adapters folded, teacher stages (spatial "
+        f"{table}\n\ncapture: the front-end that captured the models (fx: symbolic tracing; "
+        "export: torch.export). Each cell: aligned pairs, adapters folded, teacher stages (spatial "
         "resolutions) with an aligned point, onnxruntime parity + same size, the student's "
         "parameters as a share of the teacher's; ✓ when every "
         "check of fxkd.support passes (no point worse after its solve, parameter shapes "

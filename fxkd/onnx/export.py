@@ -21,7 +21,9 @@ from torch import nn
 from torch.utils._pytree import tree_flatten
 
 from fxkd.capture import eval_mode
+from fxkd.capture.export import dynamic_batch
 from fxkd.errors import OnnxValidationError
+from fxkd.inputs import Inputs
 from fxkd.onnx.rules import fold_adapters
 from fxkd.placement import full_precision
 
@@ -88,7 +90,11 @@ class ValidationReport:
 
 
 def export_onnx(
-    model: nn.Module, example: torch.Tensor, path: str | os.PathLike, *, optimize: bool = True
+    model: nn.Module,
+    example: torch.Tensor | Inputs,
+    path: str | os.PathLike,
+    *,
+    optimize: bool = True,
 ) -> Path:
     """Export ``model`` (eval mode, batch dimension dynamic) to one self-contained .onnx file,
     through torch's optimiser unless ``optimize=False``."""
@@ -96,7 +102,7 @@ def export_onnx(
 
 
 def export_onnx_counted(
-    model: nn.Module, example: torch.Tensor, path: str | os.PathLike
+    model: nn.Module, example: torch.Tensor | Inputs, path: str | os.PathLike
 ) -> tuple[Path, int]:
     """``export_onnx``'s optimised file and ``exported_elements`` of the same model from one
     export: the unoptimised program's initializers are counted, then it is optimised and saved
@@ -107,15 +113,17 @@ def export_onnx_counted(
     return _saved(program, path), elements
 
 
-def _exported(model: nn.Module, example: torch.Tensor, optimize: bool):
+def _exported(model: nn.Module, example: torch.Tensor | Inputs, optimize: bool):
     """torch's dynamo-based export of ``model`` as an ``ONNXProgram`` (nothing written)."""
+    example = Inputs.of(example)
     try:
         with torch.no_grad(), eval_mode(model):
             return torch.onnx.export(
                 model,
-                (example,),
+                example.args,
+                kwargs=example.kwargs or None,
                 dynamo=True,
-                dynamic_shapes=({0: "batch"},),
+                dynamic_shapes=dynamic_batch(model, example, "batch"),
                 optimize=optimize,
                 verbose=False,
             )
@@ -142,9 +150,20 @@ def initializer_elements(model_or_path: onnx.ModelProto | str | os.PathLike) -> 
     return sum(int(np.prod(t.dims)) for t in proto.graph.initializer)
 
 
-def exported_elements(model: nn.Module, example: torch.Tensor) -> int:
+def exported_elements(model: nn.Module, example: torch.Tensor | Inputs) -> int:
     """Initializer elements of an unoptimised export of ``model`` (its weights, by structure)."""
     return initializer_elements(_exported(model, example, optimize=False).model_proto)
+
+
+def _feed(session, inputs: Inputs, path) -> dict[str, np.ndarray]:
+    """onnxruntime's input feed: the file's inputs are the model's input tensors, in order."""
+    names = [i.name for i in session.get_inputs()]
+    leaves = inputs.leaves()
+    if len(names) != len(leaves):
+        raise OnnxValidationError(
+            f"{path} takes inputs {names}, the samples hold {inputs.describe()}"
+        )
+    return {n: t.detach().cpu().numpy() for n, t in zip(names, leaves, strict=True)}
 
 
 def _providers() -> list[str]:
@@ -164,7 +183,7 @@ def tolerance_excess(diff: np.ndarray, ref: np.ndarray, atol: float, rtol: float
 def validate_onnx(
     path: str | os.PathLike,
     model: nn.Module,
-    inputs: torch.Tensor,
+    inputs: torch.Tensor | Inputs,
     *,
     atol: float = 1e-4,
     rtol: float = 1e-3,
@@ -183,8 +202,9 @@ def validate_onnx(
         onnx.checker.check_model(str(path), full_check=True)
     except Exception as exc:
         raise OnnxValidationError(f"onnx.checker rejected {path}: {exc}") from exc
+    inputs = Inputs.of(inputs)
     with torch.no_grad(), eval_mode(model), full_precision():
-        expected = model(inputs)
+        expected = inputs.call(model)
     # every tensor leaf of whatever the model returns (tuples, dicts, NamedTuples, ...), in
     # the pytree order the exporter flattens them in
     expected = [e for e in tree_flatten(expected)[0] if isinstance(e, torch.Tensor)]
@@ -201,7 +221,7 @@ def validate_onnx(
         options.graph_optimization_level = level
         session = ort.InferenceSession(str(path), options, providers=[provider])
         run = f"{provider} ({level_name})"
-        feed = {session.get_inputs()[0].name: inputs.detach().cpu().numpy()}
+        feed = _feed(session, inputs, path)
         outputs = session.run(None, feed)
         if len(outputs) != len(expected):
             raise OnnxValidationError(

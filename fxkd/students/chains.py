@@ -25,7 +25,8 @@ import torch
 import torch.fx as fx
 from torch import nn
 
-from fxkd.capture import trace
+from fxkd.capture import capture, trace
+from fxkd.inputs import Inputs
 from fxkd.nodes import BATCHNORM_TYPES, CONV_TYPES, is_elementwise_nonlinearity
 from fxkd.students.common import kept_channels, slice_batchnorm, slice_inputs, slice_outputs
 
@@ -109,11 +110,15 @@ def prune_chains(
     ratio: float,
     importance: str = "l1",
     ignored: tuple[nn.Module, ...] = (),
+    example_inputs=None,
 ) -> dict[str, list[int]]:
     """Prune ``ratio`` of every chain's internal channels of ``model`` in place (scored by the
     producer's filter L1 norms, or its BatchNorm's |γ| with ``importance="bn"``); returns the
-    channel maps ``{producer (and depthwise conv): kept teacher channels}``."""
-    gm = trace(model)
+    channel maps ``{producer (and depthwise conv): kept teacher channels}``. With
+    ``example_inputs``, the model is captured by either front-end (``fxkd.capture``), else
+    symbolically traced."""
+    example = None if example_inputs is None else Inputs.example(example_inputs)
+    gm = trace(model) if example is None else capture(model, example)
     maps: dict[str, list[int]] = {}
     for chain in find_chains(gm):
         a = model.get_submodule(chain.producer)

@@ -9,8 +9,9 @@ import torch.fx as fx
 from torch import nn
 from torch.utils._pytree import tree_flatten
 
-from fxkd.capture import trace
+from fxkd.capture import capture
 from fxkd.errors import ConfigError, TraceError
+from fxkd.inputs import Inputs
 from fxkd.nodes import AFFINE_TYPES
 
 __all__ = [
@@ -88,7 +89,7 @@ def output_producers(model: nn.Module, example_inputs: torch.Tensor) -> list[str
     path (conservative: any other op is passed through). None when torch.fx cannot trace the
     model (``check_output_shapes`` still guards the student)."""
     try:
-        gm = trace(model, example_inputs)
+        gm = capture(model, Inputs.example(example_inputs))
     except TraceError:
         return None
     output = next(n for n in gm.graph.nodes if n.op == "output")
@@ -117,10 +118,11 @@ def _shapes(out) -> list[tuple[int, ...] | None]:
 def check_output_shapes(teacher: nn.Module, student: nn.Module, example_inputs) -> None:
     """Raise ConfigError naming the outputs whose shapes differ between ``student`` and
     ``teacher`` on ``example_inputs`` (a builder must keep what the model outputs)."""
+    example = Inputs.example(example_inputs)
     with torch.no_grad():
-        want = _shapes(teacher(example_inputs))
+        want = _shapes(example.call(teacher))
         try:
-            got = _shapes(student(example_inputs))
+            got = _shapes(example.call(student))
         except Exception as exc:  # a builder left an inconsistent layer
             raise ConfigError(
                 f"the pruned {type(teacher).__name__} fails on example_inputs "

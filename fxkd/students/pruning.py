@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from fxkd.errors import ConfigError
+from fxkd.inputs import Inputs
 from fxkd.nodes import CONV_TYPES
 from fxkd.students.budget import BudgetExceeded, time_budget
 from fxkd.students.chains import prune_chains
@@ -85,12 +86,15 @@ def prune(
     ratio: float,
     *,
     importance: str = "l1",
-    example_inputs: torch.Tensor,
+    example_inputs: torch.Tensor | tuple | dict | Inputs,
     ignored_layers: list[nn.Module] | None = None,
     scope: str = "auto",
     time_budget_s: float | None = 120.0,
 ) -> nn.Module:
     """A filter-pruned copy of ``teacher`` with ``ratio`` of each coupled channel group removed.
+
+    example_inputs: one batch: a tensor, a tuple of positional inputs or a dict of keyword
+    inputs (``input_ids`` + ``attention_mask``), or :class:`fxkd.inputs.Inputs`.
 
     importance: ``"l1"`` (Li et al., L1-norm filter pruning) or ``"bn"`` (Liu et al., network
     slimming: BatchNorm |γ|). ``ignored_layers`` keep their output width (default: the last
@@ -144,12 +148,27 @@ def prune(
         return student
 
 
+def _for_torch_pruning(example_inputs):
+    """The example as torch-pruning calls a model with it: a tensor, a tuple (positional
+    inputs) or a dict (keyword inputs)."""
+    if not isinstance(example_inputs, Inputs):
+        return example_inputs
+    if example_inputs.kwargs and example_inputs.args:
+        raise ConfigError(
+            "torch-pruning takes positional or keyword example inputs, not both. Hint: give "
+            "example_inputs as a dict of keyword inputs."
+        )
+    if example_inputs.kwargs:
+        return dict(example_inputs.kwargs)
+    return example_inputs.single if example_inputs.single is not None else example_inputs.args
+
+
 def _forward_failure(student: nn.Module, example_inputs) -> Exception | None:
     """The error ``student`` raises on ``example_inputs``, else None: a built student must at
     least run."""
     try:
         with torch.no_grad():
-            student(example_inputs)
+            Inputs.example(example_inputs).call(student)
     except Exception as exc:
         return exc
     return None
@@ -181,7 +200,7 @@ def _prune_with_fxkd(
     copies = dict(student.named_modules())
     names = {m: n for n, m in teacher.named_modules()}
     ignored = tuple(copies[names[m]] for m in (ignored_layers or []))
-    maps = prune_chains(student, ratio, importance, ignored)
+    maps = prune_chains(student, ratio, importance, ignored, example_inputs)
     pruned = []
     if streams:
         stream_maps, pruned = prune_streams(student, ratio, example_inputs, importance, ignored)
@@ -215,7 +234,7 @@ def _with_lanes(student, ratio, example_inputs, importance, skip):
     try:
         maps, regions = prune_lanes(candidate, ratio, example_inputs, importance, skip)
         with torch.no_grad():
-            candidate(example_inputs)
+            Inputs.example(example_inputs).call(candidate)
     except Exception as exc:  # an op the tag run does not model: block outputs keep width
         log.warning(
             "fxkd.students.lanes could not prune the routed block outputs (%s: %s); they keep "
@@ -259,7 +278,9 @@ def _prune_with_torch_pruning(
         copies = dict(student.named_modules())
         ignored = [copies[teacher_names[m]] for m in ignored_layers]
     try:
-        graph = tp.DependencyGraph().build_dependency(student, example_inputs=example_inputs)
+        graph = tp.DependencyGraph().build_dependency(
+            student, example_inputs=_for_torch_pruning(example_inputs)
+        )
     except Exception as exc:  # torch-pruning's tracer meets an op it cannot map
         raise TorchPruningError(
             f"torch-pruning could not analyse {type(teacher).__name__}'s channel dependencies "

@@ -27,9 +27,9 @@ from dataclasses import dataclass, field
 import torch
 import torch.fx as fx
 from torch import nn
-from torch.fx.passes.shape_prop import ShapeProp
 
-from fxkd.capture import node_shape, trace
+from fxkd.capture import annotate_shapes, capture, node_shape
+from fxkd.inputs import Inputs
 from fxkd.nodes import (
     BATCHNORM_TYPES,
     CONV_TYPES,
@@ -105,7 +105,7 @@ def _channels(node: fx.Node) -> int | None:
 
 def find_streams(gm: fx.GraphModule, example_inputs: torch.Tensor) -> list[Stream]:
     """The prunable residual streams of ``gm`` (shapes from one run on ``example_inputs``)."""
-    ShapeProp(gm).propagate(example_inputs)
+    annotate_shapes(gm, Inputs.example(example_inputs))
     spaces = _Spaces()
     of: dict[fx.Node, int] = {}
 
@@ -181,7 +181,7 @@ def prune_streams(
     producers' filter L1 norms summed, or the stream BatchNorms' |γ| with ``importance="bn"``);
     returns the channel maps ``{producer: kept teacher channels}`` and the streams pruned. A
     stream with an ignored producer keeps its width."""
-    gm = trace(model)
+    gm = capture(model, Inputs.example(example_inputs))
     maps: dict[str, list[int]] = {}
     pruned: list[Stream] = []
     for stream in find_streams(gm, example_inputs):

@@ -1,4 +1,4 @@
-"""Tracing: a model becomes a torch.fx GraphModule whose nodes carry shapes.
+"""Symbolic tracing: a model becomes a module-level torch.fx GraphModule whose nodes carry shapes.
 
 Tracing never copies or mutates the model: the GraphModule shares its submodules. Shapes come
 from ``ShapeProp`` on one real batch (``node.meta["tensor_meta"]``), run under ``no_grad`` with
@@ -17,8 +17,9 @@ from torch import nn
 from torch.fx.passes.shape_prop import ShapeProp
 
 from fxkd.errors import TraceError
+from fxkd.inputs import Inputs
 
-__all__ = ["FxkdTracer", "eval_mode", "node_shape", "trace"]
+__all__ = ["FxkdTracer", "annotate_shapes", "eval_mode", "node_shape", "trace"]
 
 
 class FxkdTracer(fx.Tracer):
@@ -53,7 +54,7 @@ def eval_mode(*models: nn.Module) -> Iterator[None]:
 
 def trace(
     model: nn.Module,
-    example: torch.Tensor | None = None,
+    example: torch.Tensor | Inputs | None = None,
     *,
     leaf_modules: Sequence[type] = (),
     concrete_args: dict[str, Any] | None = None,
@@ -84,15 +85,17 @@ def trace(
     return gm
 
 
-def annotate_shapes(gm: fx.GraphModule, example: torch.Tensor) -> None:
+def annotate_shapes(gm: fx.GraphModule, example: torch.Tensor | Inputs) -> None:
     """Run ``ShapeProp`` on one batch (no grad, eval mode) so nodes carry ``tensor_meta``."""
+    example = Inputs.of(example)
     try:
+        values = example.placeholder_values(gm)
         with torch.no_grad(), eval_mode(gm):
-            ShapeProp(gm).propagate(example)
+            ShapeProp(gm).propagate(*values)
     except Exception as exc:
         raise TraceError(
-            f"running the traced {gm.__class__.__name__} on an example batch of shape "
-            f"{tuple(example.shape)} failed: {type(exc).__name__}: {exc}. Hint: check that the "
+            f"running the captured {gm.__class__.__name__} on an example batch "
+            f"({example.describe()}) failed: {type(exc).__name__}: {exc}. Hint: check that the "
             "samples have the input shape the model expects."
         ) from exc
 

@@ -1,0 +1,121 @@
+"""Capture: a model becomes the torch.fx GraphModule the passes work on, nodes carrying shapes.
+
+Two front-ends, one graph form:
+
+- ``"fx"``: symbolic tracing (``torch.fx``), module-level graphs (:func:`trace`);
+- ``"export"``: ``torch.export`` (non-strict), aten-level graphs normalised back to modules and
+  torch-level calls (:mod:`fxkd.capture.export`, :mod:`fxkd.capture.aten`);
+- ``"auto"`` (the default): symbolic tracing, then ``torch.export`` where it fails.
+
+:func:`captured_with` tells which front-end made a graph. Capture never copies or mutates the
+model: the graph shares its Parameters and buffers.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+import torch.fx as fx
+from torch import nn
+
+from fxkd.capture.tracing import FxkdTracer, annotate_shapes, eval_mode, node_shape, trace
+from fxkd.errors import ConfigError, TraceError
+from fxkd.inputs import Inputs
+
+__all__ = [
+    "CAPTURE_METHODS",
+    "FxkdTracer",
+    "annotate_shapes",
+    "capture",
+    "capture_error",
+    "captured_with",
+    "eval_mode",
+    "node_shape",
+    "trace",
+]
+
+CAPTURE_METHODS = ("auto", "fx", "export")
+_KEY = "fxkd_capture"
+
+
+def captured_with(gm: fx.GraphModule) -> str:
+    """``"fx"`` or ``"export"``: the front-end that made ``gm`` (``"fx"`` for a graph fxkd did
+    not capture, e.g. one the user traced)."""
+    return gm.meta.get(_KEY, "fx")
+
+
+def capture(
+    model: nn.Module,
+    example: torch.Tensor | Inputs,
+    *,
+    method: str = "auto",
+    leaf_modules: Sequence[type] = (),
+    concrete_args: dict[str, Any] | None = None,
+) -> fx.GraphModule:
+    """``model`` as a GraphModule annotated with shapes on ``example`` (one batch).
+
+    ``method``: ``"fx"``, ``"export"`` or ``"auto"`` (symbolic tracing, then torch.export).
+    A GraphModule passes through as it is. Raises TraceError naming every front-end tried and
+    why it failed."""
+    if method not in CAPTURE_METHODS:
+        raise ConfigError(f"capture={method!r}; expected one of {CAPTURE_METHODS}")
+    example = Inputs.of(example)
+    if isinstance(model, fx.GraphModule):
+        annotate_shapes(model, example)
+        return model
+    failures: dict[str, str] = {}
+    if method in ("auto", "fx"):
+        try:
+            gm = trace(model, leaf_modules=leaf_modules, concrete_args=concrete_args)
+        except TraceError as exc:
+            failures["symbolic tracing"] = _first_line(exc.__cause__ or exc)
+        else:
+            try:
+                annotate_shapes(gm, example)
+            except TraceError as exc:
+                if not _runs(model, example):
+                    raise  # the samples do not fit the model: no front-end would help
+                failures["symbolic tracing"] = _first_line(exc.__cause__ or exc)
+            else:
+                gm.meta[_KEY] = "fx"
+                return gm
+    if method in ("auto", "export"):
+        from fxkd.capture.export import export_graph
+
+        try:
+            gm = export_graph(model, example)
+        except Exception as exc:
+            failures["torch.export"] = _first_line(exc)
+        else:
+            annotate_shapes(gm, example)
+            gm.meta[_KEY] = "export"
+            return gm
+    raise capture_error(type(model).__name__, failures)
+
+
+def capture_error(name: str, failures: dict[str, str]) -> TraceError:
+    """The TraceError for a model no front-end captured: each attempt and its reason."""
+    tried = "; ".join(f"{k}: {v}" for k, v in failures.items())
+    return TraceError(
+        f"could not capture {name} ({tried}). Hint: Python control flow on tensor values "
+        "cannot be captured by either front-end: rewrite it with torch.where / torch.cond, or "
+        "mark the module holding it a leaf (leaf_modules=..., symbolic tracing only).",
+        failures,
+    )
+
+
+def _runs(model: nn.Module, example: Inputs) -> bool:
+    """Whether the model itself runs on the example batch."""
+    try:
+        with torch.no_grad(), eval_mode(model):
+            example.call(model)
+    except Exception:
+        return False
+    return True
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {text[0] if text else ''}"[:300]
