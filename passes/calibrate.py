@@ -361,20 +361,21 @@ class CalibrateAdapters(FxkdPass):
                 )
         bounds = clamp_bounds(student.gm, point) if self.config.relax_rounds else None
         if len(members) == 1 or all(m.groups == 1 for m in members):
-            rows_seen, unknowns, cond, identity = self._solve_jointly(
+            rows_seen, unknowns, cond, identity, eqs = self._solve_jointly(
                 student, members, residual_node, targets, steps, bounds=bounds
             )
             for _ in range(self.config.relax_rounds if bounds is not None else 0):
                 relaxed = self._relaxed_targets(student, members, residual_node, targets, steps,
                                                 bounds)  # fmt: skip
+                # same rows, new targets: only the cross products are taken again
                 self._solve_jointly(student, members, residual_node, relaxed, steps,
-                                    identity=False)  # fmt: skip
+                                    identity=False, gram_of=eqs)  # fmt: skip
         else:  # residual add of grouped producers: block-coordinate descent over the members
             rows_seen = unknowns = 0
             conds, identity = [], None
             for m in members:
                 others = [o for o in members if o is not m]
-                rows_seen, u, c, sums = self._solve_jointly(
+                rows_seen, u, c, sums, _ = self._solve_jointly(
                     student, [m], residual_node, targets, steps, extra=others,
                     identity=identity is None, bounds=None,
                 )  # fmt: skip
@@ -432,19 +433,22 @@ class CalibrateAdapters(FxkdPass):
 
     def _solve_jointly(
         self, student, members, residual_node, targets, steps, extra=(), identity=True,
-        bounds=None,
+        bounds=None, gram_of=None,
     ):  # fmt: skip
         """One least-squares system over the members' features (concatenated when several).
         With ``identity``, the same sweep also sums the point's error with identity adapters
         (the already-corrected student's input) and the targets' energy Σ||y||², what every
         error at this point is relative to (returned as ``_accumulate``'s sums, else None);
-        with clamp ``bounds``, both after the clamp.
+        with clamp ``bounds``, both after the clamp. ``gram_of``: the system of an earlier
+        solve over the same rows, whose Gram (and diagnosis) this one reuses, taking only the
+        cross products against the new targets (``NormalEquations.retargeted``). Returns
+        (rows, unknowns, conditioning, sums, the system).
 
         The sweep goes over sample slices small enough for a core's cache on a CPU (the whole
         chunk elsewhere), so y − r, the identity difference, the shifted GEMM operands and the
         patches of one slice are made and consumed without a trip to memory."""
         eqs, sums = self._accumulate(student, members, residual_node, targets, steps, extra,
-                                     identity, bounds)  # fmt: skip
+                                     identity, bounds, gram_of)  # fmt: skip
         bias = eqs.bias
         accumulated = sum(m.accumulated_size() for m in members)
         projected = any(m.projected for m in members)
@@ -460,6 +464,9 @@ class CalibrateAdapters(FxkdPass):
         if mapping is not None:  # solved at the narrow side (fxkd.solve.narrow)
             eqs.project(mapping, tiles)
         unknowns = eqs.features + int(eqs.bias)
+        if gram_of is not None:  # the same Gram: diagnosed and reported at the first solve
+            self._write_solution(eqs, members)
+            return eqs.rows, unknowns, None, sums, eqs
         conditioning = eqs.conditioning()
         if conditioning.ill:
             log.info("%s: ill-conditioned features: %s", members[0].node.name, conditioning)
@@ -476,11 +483,12 @@ class CalibrateAdapters(FxkdPass):
                 determinable,
             )
         self._write_solution(eqs, members)
-        return eqs.rows, unknowns, conditioning, sums
+        return eqs.rows, unknowns, conditioning, sums, eqs
 
     def _accumulate(
-        self, student, members, residual_node, targets, steps, extra, identity, bounds
-    ) -> tuple[NormalEquations, torch.Tensor | None]:
+        self, student, members, residual_node, targets, steps, extra, identity, bounds,
+        gram_of=None,
+    ) -> tuple[NormalEquations, torch.Tensor | None]:  # fmt: skip
         """The members' normal equations over every chunk (and, with ``identity``, the
         identity adapters' error sums; see ``_solve_jointly``), reduced over ranks."""
         g = members[0].groups
@@ -488,7 +496,12 @@ class CalibrateAdapters(FxkdPass):
         bias = any(m.bias for m in members)
         accumulated = sum(m.accumulated_size() for m in members)
         channels = members[0].module.pair.site.channels
-        eqs = NormalEquations(g, accumulated, channels // g, bias=bias, device=targets[0].device)
+        if gram_of is not None:
+            eqs = gram_of.retargeted()
+        else:
+            eqs = NormalEquations(
+                g, accumulated, channels // g, bias=bias, device=targets[0].device
+            )
         subsample = self.config.subsample < 1.0 and dims > 0
         # one conv solved by its kernel: patches built centred, in GEMM layout (update_patches)
         conv_patches = len(members) == 1 and not members[0].pointwise and dims > 0 and not subsample

@@ -324,3 +324,49 @@ def test_a_one_channel_stem_sums_its_nine_patch_features_accurately():
         ref.update_patches(x.double(), conv.double(), y.double())
         errors[channels] = _rel(eqs.gram, ref.gram)
     assert errors[1] < 1e-6 and errors[3] < 1e-6, errors
+
+
+@pytest.mark.parametrize("route", ["rows", "im2col", "displaced", "projected"])
+def test_a_retargeted_system_equals_a_fresh_one_on_the_new_targets(route, monkeypatch):
+    """``retargeted`` takes only the cross products against new targets and reuses the Gram:
+    over the same rows (chunked differently) its sums and solution equal a fresh system's on
+    those targets, in fp64, for every route (rows, im2col patches, displaced products, and a
+    system projected afterwards), and the source system is left as it was."""
+    from fxkd.solve import normal as lstsq
+    from fxkd.solve.displaced import displaced_products_fit
+    from fxkd.solve.patches import patch_blocks
+
+    rule = displaced_products_fit if route == "displaced" else (lambda m, x: False)
+    monkeypatch.setattr(lstsq, "displaced_products_pay", rule)
+    gen = torch.Generator().manual_seed(3)
+    module = torch.nn.Conv2d(8, 6, 3, padding=1).double()
+    x = (torch.randn(12, 8, 9, 9, generator=gen, dtype=torch.float64) + 1.5).relu()
+    y1, y2 = (torch.randn(12, 1, 6, 81, generator=gen, dtype=torch.float64) + 2 for _ in "ab")
+
+    def accumulate(eqs, y, chunk):
+        for xs, ys in zip(x.split(chunk), y.split(chunk), strict=True):
+            if route in ("rows", "projected"):
+                eqs.update_blocks(patch_blocks(xs, module), ys)
+            else:
+                eqs.update_patches(xs, module, ys)
+        return eqs
+
+    source = accumulate(NormalEquations(1, 72, 6, bias=True), y1, 4)
+    fresh = accumulate(NormalEquations(1, 72, 6, bias=True), y2, 4)
+    before = (source.gram.clone(), source.cross.clone())
+    mapping = torch.randn(1, 73, 73, generator=gen, dtype=torch.float64)
+    mapping[:, -1] = 0
+    mapping[:, -1, -1] = 1
+    if route == "projected":
+        source.project(mapping)
+        fresh.project(mapping)
+    retargeted = accumulate(source.retargeted(), y2, 3)
+    if route == "projected":
+        retargeted.project(mapping)
+    assert retargeted.route == fresh.route
+    torch.testing.assert_close(retargeted.gram, fresh.gram, rtol=1e-12, atol=1e-8)
+    torch.testing.assert_close(retargeted.cross, fresh.cross, rtol=1e-12, atol=1e-8)
+    torch.testing.assert_close(retargeted.solve(1e-3), fresh.solve(1e-3), rtol=1e-9, atol=1e-9)
+    if route != "projected":
+        torch.testing.assert_close(source.gram, before[0], rtol=0, atol=0)
+        torch.testing.assert_close(source.cross, before[1], rtol=0, atol=0)

@@ -198,6 +198,7 @@ class DisplacedProducts:
         self._acc = self._zeros(dtype)
         self._totals: dict[str, torch.Tensor] | None = None
         self.rows = 0  # since the last flush
+        self.cross_only = False  # skip the Gram's products (a re-solve against new targets)
 
     def _zeros(self, dtype) -> dict[str, torch.Tensor]:
         g, c, geo = self.groups, self.channels, self.geometry
@@ -277,7 +278,7 @@ class DisplacedProducts:
         xbuf, ybuf = self._buffers
         lead, span = geo.lead, n * math.prod(geo.frame)
         base = xbuf[..., lead : lead + span]
-        for i, delta in enumerate(geo.half):
+        for i, delta in enumerate(() if self.cross_only else geo.half):
             shifted = xbuf[..., lead + geo.flat(delta) : lead + geo.flat(delta) + span]
             acc["half"][:, i].baddbmm_(base, shifted.transpose(-1, -2))
         y_flat = ybuf[..., lead : lead + span]
@@ -285,7 +286,7 @@ class DisplacedProducts:
             read = xbuf[..., lead + geo.flat(tap) : lead + geo.flat(tap) + span]
             acc["cross"][:, i].baddbmm_(read, y_flat.transpose(-1, -2))
         frames = self._view(xbuf)[:, :, :n]
-        for strip, deltas in geo.strips.items():
+        for strip, deltas in () if self.cross_only else geo.strips.items():
             own, near = self._strip(xbuf, frames, strip, deltas, n)
             acc[repr(strip)].baddbmm_(own, near.transpose(-1, -2))
         self._filled = 0

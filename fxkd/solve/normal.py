@@ -87,9 +87,39 @@ class NormalEquations:
         self._mask: torch.Tensor | None = None  # m (L, nk) of update_patches; None: uniform
         self._producer = None  # update_patches' conv: its patches of the summed inputs give S
         self._displaced: DisplacedProducts | None = None  # update_patches' stride-1 products
+        self._was_displaced = False  # the patches route took displaced products
+        self._wide_shift: tuple[torch.Tensor, torch.Tensor] | None = None  # μ, ν before project
+        self._cross_only_displaced = False  # retargeted from a displaced system
         self._final: tuple[torch.Tensor, torch.Tensor] | None = None
         self._narrow: tuple[BlockAffine, torch.Tensor, torch.Tensor] | None = None  # M, G_h, B_h
+        self._gram_of: NormalEquations | None = None  # retargeted: whose Gram this system has
         self.rows = 0
+
+    def retargeted(self) -> NormalEquations:
+        """An empty system for the same rows against new targets: it takes only the cross
+        products ``x_cᵀy_c`` (and the small sums), and its Gram is this one's (as accumulated,
+        before any ``project``). Feed it exactly the rows this one got, in any chunking; the
+        shifts μ, ν stay this system's (the algebra is exact for any shift). For re-solves
+        whose targets change and whose features do not (``fxkd.solve.relax``): the D×D
+        products, the bulk of the work, are not taken again."""
+        if self._shift is None and self._wide_shift is None:
+            raise RuntimeError("NormalEquations.retargeted: no rows were added")
+        out = NormalEquations(
+            self.partitions, self._wide_features, self.targets, bias=self.bias, device=self.device
+        )
+        out._gram_of = self
+        out._shift = self._shift if self._shift is not None else self._wide_shift
+        out._products.cross_only = True
+        out._cross_only_displaced = self._displaced is not None or self._was_displaced
+        return out
+
+    @property
+    def _wide_features(self) -> int:
+        return self._narrow[1].shape[-1] - int(self.bias) if self._narrow else self.features
+
+    def _wide_gram(self) -> torch.Tensor:
+        """The Gram as accumulated (over the features rows were added with)."""
+        return self._narrow[1] if self._narrow is not None else self._finalize()[0]
 
     @property
     def route(self) -> str:
@@ -131,8 +161,12 @@ class NormalEquations:
             mu = mu_c.view(g, c // g, 1).expand(g, c // g, taps).reshape(g, -1)
             self._set_shift(mu, y, dtype)
         mu_c = self._shift[0].view(g, c // g, taps)[:, :, 0].reshape(-1).to(x.device, dtype)
-        if self._displaced is not None or (
-            self._mask is None and displaced_products_pay(producer, x)
+        if (
+            self._displaced is not None
+            or self._cross_only_displaced
+            or (
+                self._mask is None and self._gram_of is None and displaced_products_pay(producer, x)
+            )
         ):  # decided at the first update: the producer and the input's shape stay the same
             self._add_displaced(x.to(dtype), producer, mu_c, y)
             return
@@ -150,6 +184,8 @@ class NormalEquations:
             self._displaced = DisplacedProducts(
                 producer, spatial, p, x.shape[1] // p, k, x.dtype, x.device
             )
+            self._displaced.cross_only = self._gram_of is not None
+            self._was_displaced = True
             self._mask = patch_mask(producer, spatial, x.device)
             self._producer = producer
         x_total, y_sum = self._displaced.add(x, mu_c, y, self._shift[1])
@@ -262,6 +298,8 @@ class NormalEquations:
                 gram[:, :d, d] += colsum
                 gram[:, d, d] += n
                 cross[:, d] += st["sy"] + n * nu
+        if self._gram_of is not None:  # the Gram is the source system's (same rows)
+            gram = self._gram_of._wide_gram()
         self._final = (gram, cross)
         return self._final
 
@@ -291,7 +329,9 @@ class NormalEquations:
             return
         gram, cross = self._finalize()
         rows = torch.tensor([float(self.rows)], dtype=torch.float64, device=gram.device)
-        self._base = (all_reduce_sum(gram), all_reduce_sum(cross))
+        # a retargeted system's Gram is its source's, reduced over ranks already
+        reduced = gram if self._gram_of is not None else all_reduce_sum(gram)
+        self._base = (reduced, all_reduce_sum(cross))
         self.rows = int(all_reduce_sum(rows).item())
         self._products.reset()
         if self._displaced is not None:
@@ -311,6 +351,7 @@ class NormalEquations:
         self._check_open()
         gram, cross = self._finalize()
         self._narrow = (BlockAffine(mapping.to(gram), self.bias, blocks), gram, cross)
+        self._wide_shift = self._shift
         self.features = mapping.shape[-2] - int(self.bias)
         self._final = self._base = None
         self._products = CentredProducts(self.features)

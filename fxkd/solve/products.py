@@ -42,6 +42,7 @@ class CentredProducts:
         self.xy: torch.Tensor | None = None  # flushed Σ x_c y_cᵀ, fp64
         self._acc: tuple[torch.Tensor, torch.Tensor] | None = None  # unflushed products
         self._rows = 0
+        self.cross_only = False  # skip x_cᵀx_c (a re-solve against new targets)
 
     @property
     def panels(self) -> list[tuple[int, int]]:
@@ -61,7 +62,9 @@ class CentredProducts:
             self.flush()
             like = {"dtype": xc.dtype, "device": xc.device}
             self._acc = (torch.zeros(p, d, d, **like), torch.zeros(p, d, yc.shape[1], **like))
-        if d < self.SMALL_FEATURES and xc.dtype == torch.float32:
+        if self.cross_only:
+            self._acc[1].baddbmm_(xc, yc.transpose(-1, -2))
+        elif d < self.SMALL_FEATURES and xc.dtype == torch.float32:
             gram, cross = chained_products(xc, yc)
             self._acc[0].add_(gram)
             self._acc[1].add_(cross)
