@@ -14,7 +14,7 @@ import torch.fx as fx
 from torch import nn
 
 from fxkd.align import Alignment, align
-from fxkd.capture import capture, capture_error
+from fxkd.capture import capture, capture_error, hides_layers
 from fxkd.config import CompressConfig
 from fxkd.data import take_inputs
 from fxkd.errors import ConfigError, TraceError
@@ -167,7 +167,8 @@ def _capture_all(
 ) -> tuple[list[fx.GraphModule], str]:
     """Every model captured by one front-end (graphs of one flavour align node for node), and
     its name: ``cfg.capture``, or under ``"auto"`` symbolic tracing when it captures every
-    model, else ``torch.export`` for all. TraceError names each front-end's failure."""
+    model and hides no layer (``fxkd.capture.hides_layers``), else ``torch.export`` for all.
+    TraceError names each front-end's failure."""
 
     def run(method: str) -> list[fx.GraphModule]:
         return [
@@ -178,7 +179,13 @@ def _capture_all(
     if cfg.capture != "auto":
         return run(cfg.capture), cfg.capture
     try:
-        return run("fx"), "fx"
+        traced = run("fx")
+        if not any(hides_layers(gm) for gm in traced):
+            return traced, "fx"
+        try:  # export lifts the layers symbolic tracing followed into back to modules
+            return run("export"), "export"
+        except TraceError:
+            return traced, "fx"
     except TraceError as fx_error:
         if not fx_error.attempts:  # captured, but the samples do not fit the model
             raise

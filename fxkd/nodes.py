@@ -20,6 +20,7 @@ __all__ = [
     "eval_batchnorm",
     "in_place_operand",
     "is_elementwise_nonlinearity",
+    "is_identity",
     "is_nonlinearity",
     "module_call_counts",
     "redo_steps",
@@ -245,6 +246,14 @@ def _eval_drop(node: fx.Node) -> bool:
     else:
         return False
     return training is False
+
+
+def is_identity(gm: fx.GraphModule, node: fx.Node) -> bool:
+    """An identity in eval: Identity/Dropout modules, functional dropout or stochastic depth
+    called with ``training=False``."""
+    if node.op == "call_module":
+        return isinstance(_module(gm, node), _IDENTITY_MODULES)
+    return _eval_drop(node)
 
 
 def _permutation(node: fx.Node) -> tuple[int, ...] | None:

@@ -5,7 +5,10 @@ Two front-ends, one graph form:
 - ``"fx"``: symbolic tracing (``torch.fx``), module-level graphs (:func:`trace`);
 - ``"export"``: ``torch.export`` (non-strict), aten-level graphs normalised back to modules and
   torch-level calls (:mod:`fxkd.capture.export`, :mod:`fxkd.capture.aten`);
-- ``"auto"`` (the default): symbolic tracing, then ``torch.export`` where it fails.
+- ``"auto"`` (the default): symbolic tracing, then ``torch.export`` where it fails or where
+  the traced graph hides layers (:func:`hides_layers`: a conv, linear or BatchNorm that
+  symbolic tracing followed into its functional call, e.g. timm's ``BatchNormAct2d``), which
+  the export front-end lifts back to modules.
 
 :func:`captured_with` tells which front-end made a graph. Capture never copies or mutates the
 model: the graph shares its Parameters and buffers.
@@ -18,6 +21,7 @@ from typing import Any
 
 import torch
 import torch.fx as fx
+import torch.nn.functional as F
 from torch import nn
 
 from fxkd.capture.tracing import FxkdTracer, annotate_shapes, eval_mode, node_shape, trace
@@ -32,6 +36,7 @@ __all__ = [
     "capture_error",
     "captured_with",
     "eval_mode",
+    "hides_layers",
     "node_shape",
     "trace",
 ]
@@ -66,6 +71,7 @@ def capture(
         annotate_shapes(model, example)
         return model
     failures: dict[str, str] = {}
+    traced = None
     if method in ("auto", "fx"):
         try:
             gm = trace(model, leaf_modules=leaf_modules, concrete_args=concrete_args)
@@ -80,19 +86,39 @@ def capture(
                 failures["symbolic tracing"] = _first_line(exc.__cause__ or exc)
             else:
                 gm.meta[_KEY] = "fx"
-                return gm
+                if method == "fx" or not hides_layers(gm):
+                    return gm
+                traced = gm  # kept unless export does better
     if method in ("auto", "export"):
         from fxkd.capture.export import export_graph
 
         try:
             gm = export_graph(model, example)
         except Exception as exc:
+            if traced is not None:
+                return traced
             failures["torch.export"] = _first_line(exc)
         else:
             annotate_shapes(gm, example)
             gm.meta[_KEY] = "export"
             return gm
     raise capture_error(type(model).__name__, failures)
+
+
+_FUNCTIONAL_LAYERS = {F.conv1d, F.conv2d, F.conv3d, F.linear, F.batch_norm}
+
+
+def hides_layers(gm: fx.GraphModule) -> bool:
+    """Whether a traced graph calls a conv, linear or BatchNorm functionally on the model's own
+    tensors (``get_attr``): a module symbolic tracing followed into (timm's
+    ``BatchNormAct2d``), so no site or BatchNorm is seen there. ``torch.export``'s graph,
+    normalised, has them as modules."""
+    return any(
+        n.op == "call_function"
+        and n.target in _FUNCTIONAL_LAYERS
+        and any(isinstance(a, fx.Node) and a.op == "get_attr" for a in n.args[1:])
+        for n in gm.graph.nodes
+    )
 
 
 def capture_error(name: str, failures: dict[str, str]) -> TraceError:

@@ -1,11 +1,14 @@
 """Filter pruning of internal conv chains: the fallback of ``fxkd.students.pruning`` for models
 whose channel coupling torch-pruning cannot analyse (ShuffleNet's channel shuffle, RegNet's
-grouped bottlenecks).
+grouped bottlenecks, Swin's windowed attention).
 
 A *chain* is a conv A whose output reaches exactly one consumer conv C through nothing but
-BatchNorm, elementwise activations and, optionally, one depthwise conv D (with its BatchNorm)::
+BatchNorm, elementwise activations, eval identities (dropout) and, optionally, one depthwise
+conv D (with its BatchNorm); or a Linear A whose output reaches one consumer Linear C through
+activations and dropout (a transformer's MLP: its hidden features)::
 
     A ─▶ [BN] ─▶ [act] ─▶ [D ─▶ [BN] ─▶ [act]] ─▶ C          (one user at every step)
+    Linear ─▶ [act] ─▶ [dropout] ─▶ Linear
 
 A's output channels are internal to the chain: removing some of them removes the same
 channels of the BatchNorms and of D, and the matching input channels of C, and nothing else in
@@ -27,7 +30,7 @@ from torch import nn
 
 from fxkd.capture import capture, trace
 from fxkd.inputs import Inputs
-from fxkd.nodes import BATCHNORM_TYPES, CONV_TYPES, is_elementwise_nonlinearity
+from fxkd.nodes import BATCHNORM_TYPES, CONV_TYPES, is_elementwise_nonlinearity, is_identity
 from fxkd.students.common import kept_channels, slice_batchnorm, slice_inputs, slice_outputs
 
 __all__ = ["Chain", "find_chains", "prune_chains"]
@@ -54,6 +57,13 @@ def _conv(gm: fx.GraphModule, node: fx.Node) -> nn.Module | None:
     return m if isinstance(m, CONV_TYPES) else None
 
 
+def _linear(gm: fx.GraphModule, node: fx.Node | None) -> nn.Linear | None:
+    if node is None or node.op != "call_module":
+        return None
+    m = gm.get_submodule(str(node.target))
+    return m if isinstance(m, nn.Linear) else None
+
+
 def _next(node: fx.Node) -> fx.Node | None:
     users = list(node.users)
     return users[0] if len(users) == 1 else None
@@ -69,7 +79,7 @@ def _walk(gm: fx.GraphModule, node: fx.Node) -> tuple[str | None, fx.Node | None
             if bn is not None:
                 return bn, None
             bn = str(n.target)
-        elif not is_elementwise_nonlinearity(gm, n):
+        elif not (is_elementwise_nonlinearity(gm, n) or is_identity(gm, n)):
             return bn, n
         n = _next(n)
     return bn, None
@@ -84,6 +94,14 @@ def find_chains(gm: fx.GraphModule) -> list[Chain]:
             calls[str(n.target)] = calls.get(str(n.target), 0) + 1
     chains, taken = [], set()
     for node in gm.graph.nodes:
+        lin = _linear(gm, node)
+        if lin is not None and calls[str(node.target)] == 1:
+            bn, nxt = _walk(gm, node)
+            c = _linear(gm, nxt)
+            joined = c is not None and calls[str(nxt.target)] == 1
+            if bn is None and joined and c.in_features == lin.out_features:
+                chains.append(Chain(str(node.target), None, None, None, str(nxt.target)))
+            continue
         a = _conv(gm, node)
         name = str(node.target) if a is not None else None
         if a is None or name in taken or calls[name] != 1:
@@ -126,8 +144,8 @@ def prune_chains(
         if a in ignored:
             continue
         bn = model.get_submodule(chain.batchnorm) if chain.batchnorm else None
-        channels = a.out_channels
-        segments = math.lcm(a.groups, c.groups)
+        channels = a.out_features if isinstance(a, nn.Linear) else a.out_channels
+        segments = 1 if isinstance(a, nn.Linear) else math.lcm(a.groups, c.groups)
         if channels % segments:
             continue
         if importance == "bn" and bn is not None and bn.weight is not None:

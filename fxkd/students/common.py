@@ -43,6 +43,9 @@ def slice_outputs(conv: nn.Module, kept: torch.Tensor, depthwise: bool = False) 
         conv.weight = nn.Parameter(conv.weight[kept].clone())
         if conv.bias is not None:
             conv.bias = nn.Parameter(conv.bias[kept].clone())
+    if isinstance(conv, nn.Linear):
+        conv.out_features = len(kept)
+        return
     conv.out_channels = len(kept)
     if depthwise:
         conv.in_channels = conv.groups = len(kept)

@@ -22,7 +22,7 @@ from torch import nn
 from fxkd.errors import ConfigError
 from fxkd.inputs import Inputs
 from fxkd.nodes import CONV_TYPES
-from fxkd.students.budget import BudgetExceeded, time_budget
+from fxkd.students.budget import BudgetExceeded, analysis_budget, default_memory_budget
 from fxkd.students.chains import prune_chains
 from fxkd.students.common import check_output_shapes, output_producers
 from fxkd.students.lanes import prune_lanes
@@ -90,6 +90,7 @@ def prune(
     ignored_layers: list[nn.Module] | None = None,
     scope: str = "auto",
     time_budget_s: float | None = 120.0,
+    memory_budget_bytes: int | str | None = "auto",
 ) -> nn.Module:
     """A filter-pruned copy of ``teacher`` with ``ratio`` of each coupled channel group removed.
 
@@ -109,7 +110,9 @@ def prune(
     block outputs keep their width; works where torch-pruning does not, e.g. ShuffleNet's
     channel shuffle, RegNet's grouped bottlenecks); ``"auto"`` (default) is ``"all"``, falling
     back with a warning, when torch-pruning fails or its analysis runs past
-    ``time_budget_s`` seconds (None: no budget), to fxkd's own analysis: the internal chains
+    ``time_budget_s`` seconds or grows the process's memory by more than
+    ``memory_budget_bytes`` (``"auto"``: half the memory available when it starts; None: no
+    budget), to fxkd's own analysis: the internal chains
     and the block outputs: residual streams (``fxkd.students.streams``: joined only by adds and
     per-channel ops, e.g. RegNet's stages) and routing regions (``fxkd.students.lanes``:
     concatenations, chunks and channel shuffles, e.g. ShuffleNet's stages); block outputs that
@@ -127,16 +130,27 @@ def prune(
         return student
     try:
         student = _prune_all(
-            teacher, ratio, importance, example_inputs, ignored_layers, time_budget_s
+            teacher,
+            ratio,
+            importance,
+            example_inputs,
+            ignored_layers,
+            time_budget_s,
+            default_memory_budget() if memory_budget_bytes == "auto" else memory_budget_bytes,
         )
         check_output_shapes(teacher, student, example_inputs)
         return student
     except TorchPruningError as exc:
         if scope == "all":
             raise
-        student, streams = _prune_with_fxkd(
-            teacher, ratio, importance, example_inputs, ignored_layers, streams=True
-        )
+        try:
+            student, streams = _prune_with_fxkd(
+                teacher, ratio, importance, example_inputs, ignored_layers, streams=True
+            )
+        except ConfigError as fallback:  # both analyses gave up: say why each did
+            raise ConfigError(
+                f"{str(exc).split('. Hint')[0]}; then fxkd's own analysis: {fallback}"
+            ) from exc
         check_output_shapes(teacher, student, example_inputs)
         log.warning(
             "%s; pruned it with fxkd's own coupling analysis instead: the internal channels of "
@@ -247,19 +261,20 @@ def _with_lanes(student, ratio, example_inputs, importance, skip):
 
 
 def _prune_all(
-    teacher, ratio, importance, example_inputs, ignored_layers, budget_s=None
+    teacher, ratio, importance, example_inputs, ignored_layers, budget_s=None, memory_bytes=None
 ) -> nn.Module:
     """``scope="all"``: torch-pruning's coupled groups, fxkd's scores and kept indices, its
-    analysis and pruning within ``budget_s`` seconds (TorchPruningError past it)."""
+    analysis and pruning within ``budget_s`` seconds and ``memory_bytes`` of memory growth
+    (TorchPruningError past either)."""
     try:
-        with time_budget(budget_s):
+        with analysis_budget(budget_s, memory_bytes):
             return _prune_with_torch_pruning(
                 teacher, ratio, importance, example_inputs, ignored_layers
             )
     except BudgetExceeded as exc:
         raise TorchPruningError(
             f"torch-pruning's analysis of {type(teacher).__name__} {exc}. Hint: raise "
-            "time_budget_s=, or prune with scope='internal'"
+            "time_budget_s= or memory_budget_bytes=, or prune with scope='internal'"
         ) from exc
 
 
