@@ -35,11 +35,37 @@ ARCHS = [
 ]
 HF_ARCHS = ["hf_vit", "hf_resnet", "hf_convnext", "hf_bert", "hf_mobilevit"]
 """transformers models: symbolic tracing fails on every one, torch.export captures them."""
+TIMM_MODELS = {
+    "resnet18": {},
+    "rexnet_100": {},  # partial-channel residuals; torch-pruning's analysis ran > 10 min
+    "regnetx_002": {},  # BatchNormAct2d: symbolic tracing sees F.batch_norm
+    "efficientnet_b0": {},
+    "mobilenetv3_large_100": {},
+    "convnext_atto": {},
+    "ghostnet_100": {},
+    "mixnet_s": {},
+    "repvgg_a0": {},
+    "densenet121": {},
+    "mobilevit_xxs": {},
+    "deit_tiny_patch16_224": {"img_size": 64},
+    "levit_128s": {"img_size": 64},
+    "swin_tiny_patch4_window7_224": {"img_size": 64, "window_size": 4},  # windowed attention
+}
+"""timm families (random init, 64×64 inputs) for the slow suite and the prune benchmark."""
 KINDS = ["l1", "bn", "decouple"]
 NO_BATCHNORM = {"vit", "hf_vit", "hf_bert", "hf_convnext"}  # slimming needs BatchNorm scales
 NO_CONV = {"hf_bert"}  # nothing to decouple
 SEGMENTATION = {"fcn_resnet50", "lraspp_mobilenet_v3_large", "deeplabv3_mobilenet_v3_large"}
 DEPTH = ("resnet34", "resnet18")  # a hand-designed shallower student
+
+
+def timm_model(name: str, seed: int = 0) -> nn.Module:
+    """A timm model (10 classes, random init with non-trivial BatchNorm statistics)."""
+    import timm
+
+    torch.manual_seed(seed)
+    model = timm.create_model(name, num_classes=10, **TIMM_MODELS[name])
+    return randomize_bn(model, seed).eval()
 
 
 def hf_model(arch: str) -> nn.Module:
