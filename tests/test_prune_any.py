@@ -178,3 +178,22 @@ def test_when_both_analyses_give_up_the_refusal_names_both(monkeypatch):
         fxkd.ConfigError, match=r"torch-pruning could not.*then fxkd's own analysis"
     ):
         prune(model, 0.5, example_inputs=torch.randn(2, 3, 8, 8))
+
+
+def test_a_group_torch_pruning_cannot_score_falls_back(monkeypatch, caplog):
+    """GhostNet: a coupled group whose members disagree in width made prune crash with an
+    untyped RuntimeError; it is now torch-pruning's failure, and the fallback takes over."""
+    from fxkd.students import pruning
+
+    def mismatched(group, kind):
+        raise RuntimeError("The size of tensor a (160) must match the size of tensor b (80)")
+
+    monkeypatch.setattr(pruning, "_importance", mismatched)
+    teacher, shape = make("vgg")
+    x = torch.randn(2, *shape)
+    with pytest.raises(TorchPruningError, match="could not be scored"):
+        prune(teacher, 0.5, example_inputs=x, scope="all")
+    with caplog.at_level(logging.WARNING):
+        student = prune(teacher, 0.5, example_inputs=x)
+    assert "could not be scored" in caplog.text and "fxkd's own" in caplog.text
+    assert student(x).shape == teacher(x).shape

@@ -58,3 +58,19 @@ def test_transformers_model_compresses(arch, mode, tmp_path):
         out = result.model(**_keywords(batch)) if text else result.model(batch)
         ref = student(**_keywords(batch)) if text else student(batch)
     assert type(out) is type(ref) and out.logits.shape == ref.logits.shape
+
+
+def test_decouple_keeps_a_conv_whose_decoupled_form_breaks_the_model(caplog):
+    """ViT's patch embedding reads ``projection.weight``: decoupled, the model fails. With an
+    example batch, decouple keeps that conv (a warning names it) instead of returning a student
+    that does not run."""
+    from fxkd.students import decouple
+
+    teacher, _ = build("hf_vit")
+    x = _images(2)
+    with pytest.raises(AttributeError, match="weight"):
+        decouple(teacher)(x)  # without an example: not checked
+    with caplog.at_level("WARNING"):
+        student = decouple(teacher, example_inputs=x)
+    assert "vit.embeddings.patch_embeddings.projection kept" in caplog.text
+    assert student(x).logits.shape == teacher(x).logits.shape

@@ -177,7 +177,7 @@ def make_case(arch: str, kind: str, samples: int = 32, seed: int = 0) -> Case:
     else:
         teacher, shape = build(arch, seed)
         if kind == "decouple":
-            student = decouple(teacher)
+            student = decouple(teacher, example_inputs=_samples(arch, shape, 2, seed))
         else:
             example = _samples(arch, shape, 2, seed)
             # a ViT's hidden width is hard-coded in its reshapes: prune the MLPs only

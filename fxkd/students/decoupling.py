@@ -4,15 +4,21 @@ conv followed by a pointwise 1×1 conv, initialised from a per-input-channel SVD
 from __future__ import annotations
 
 import copy
+import logging
 import math
+from typing import Any
 
 import torch
 from torch import nn
 
 from fxkd.errors import ConfigError
+from fxkd.inputs import Inputs
 from fxkd.nodes import CONV_TYPES
+from fxkd.students.common import check_output_shapes
 
 __all__ = ["decouple"]
+
+log = logging.getLogger(__name__)
 
 
 def _decoupled(conv: nn.Module, rank: int) -> nn.Sequential:
@@ -51,18 +57,57 @@ def _decoupled(conv: nn.Module, rank: int) -> nn.Sequential:
     return nn.Sequential(depthwise, pointwise)
 
 
-def decouple(teacher: nn.Module, *, rank: int = 1) -> nn.Module:
+def decouple(teacher: nn.Module, *, rank: int = 1, example_inputs: Any = None) -> nn.Module:
     """A copy of ``teacher`` whose regular convs (kernel > 1, groups = 1) are each a depthwise
-    conv with channel multiplier ``rank`` followed by a pointwise conv (Guo et al., BMVC 2018)."""
+    conv with channel multiplier ``rank`` followed by a pointwise conv (Guo et al., BMVC 2018).
+
+    With ``example_inputs`` (a tensor, tuple or dict, as for ``prune``) the student is checked
+    to run and to compute the teacher's output shapes; a conv whose replacement breaks the
+    model (code that reads ``conv.weight``, as Hugging Face's patch embeddings do) keeps its
+    form, with a warning naming it."""
     if rank < 1:
         raise ConfigError(f"rank={rank!r} must be >= 1")
     student = copy.deepcopy(teacher).eval()
     targets = [
-        (name, m)
+        name
         for name, m in student.named_modules()
         if isinstance(m, CONV_TYPES) and m.groups == 1 and math.prod(m.kernel_size) > 1
     ]
-    for name, conv in targets:
-        parent, _, attr = name.rpartition(".")
-        setattr(student.get_submodule(parent) if parent else student, attr, _decoupled(conv, rank))
+    originals = {name: student.get_submodule(name) for name in targets}
+    for name in targets:
+        _replace(student, name, _decoupled(originals[name], rank))
+    if example_inputs is None or _runs(student, example_inputs):
+        return _checked(teacher, student, example_inputs)
+    kept = []  # one at a time: a conv whose replacement makes the model fail keeps its form
+    for name in targets:
+        _replace(student, name, originals[name])
+    for name in targets:
+        _replace(student, name, _decoupled(originals[name], rank))
+        if not _runs(student, example_inputs):
+            _replace(student, name, originals[name])
+            kept.append(name)
+    log.warning(
+        "decouple: %s kept as regular conv(s): the model fails with their decoupled form",
+        ", ".join(kept),
+    )
+    return _checked(teacher, student, example_inputs)
+
+
+def _replace(model: nn.Module, name: str, module: nn.Module) -> None:
+    parent, _, attr = name.rpartition(".")
+    setattr(model.get_submodule(parent) if parent else model, attr, module)
+
+
+def _runs(model: nn.Module, example_inputs: Any) -> bool:
+    try:
+        with torch.no_grad():
+            Inputs.example(example_inputs).call(model)
+    except Exception:
+        return False
+    return True
+
+
+def _checked(teacher: nn.Module, student: nn.Module, example_inputs: Any) -> nn.Module:
+    if example_inputs is not None:
+        check_output_shapes(teacher, student, example_inputs)
     return student

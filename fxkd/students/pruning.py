@@ -306,15 +306,25 @@ def _prune_with_torch_pruning(
     for group in list(
         graph.get_all_groups(ignored_layers=ignored, root_module_types=[*CONV_TYPES, nn.Linear])
     ):
-        scores = _importance(group, importance)
-        n_prune = min(math.floor(len(scores) * ratio), len(scores) - 1)
-        if n_prune <= 0:
-            continue
         root = group[0].dep
-        order = scores.argsort()[:n_prune]
-        root_idxs = [group[0].idxs[int(i)] for i in order]
-        pruning = graph.get_pruning_group(root.target.module, root.handler, root_idxs)
-        if not graph.check_pruning_group(pruning):
+        try:  # a group whose members disagree in width (GhostNet's concatenations) fails here
+            scores = _importance(group, importance)
+            n_prune = min(math.floor(len(scores) * ratio), len(scores) - 1)
+            if n_prune <= 0:
+                continue
+            order = scores.argsort()[:n_prune]
+            root_idxs = [group[0].idxs[int(i)] for i in order]
+            pruning = graph.get_pruning_group(root.target.module, root.handler, root_idxs)
+            valid = graph.check_pruning_group(pruning)
+        except (BudgetExceeded, KeyboardInterrupt):
+            raise
+        except Exception as exc:
+            raise TorchPruningError(
+                f"torch-pruning's channel group of {names.get(root.target.module, '?')} in "
+                f"{type(teacher).__name__} could not be scored ({type(exc).__name__}: {exc}). "
+                "Hint: prune with scope='internal', or pass that layer as ignored_layers=[...]"
+            ) from exc
+        if not valid:
             log.info("group of %s cannot be pruned; kept", names.get(root.target.module))
             continue
         for dep, idxs in pruning:
