@@ -74,3 +74,24 @@ def test_decouple_keeps_a_conv_whose_decoupled_form_breaks_the_model(caplog):
         student = decouple(teacher, example_inputs=x)
     assert "vit.embeddings.patch_embeddings.projection kept" in caplog.text
     assert student(x).logits.shape == teacher(x).logits.shape
+
+
+def test_a_hand_designed_shallower_student_aligns_by_cuts():
+    """A transformers ResNet student with fewer layers per stage (its own config): aligned at
+    block boundaries stage by stage, not node by node."""
+    import transformers as T
+
+    from zoo_cases import realistic
+
+    def resnet(depths):
+        config = T.ResNetConfig(
+            embedding_size=16, hidden_sizes=[16, 32], depths=depths, num_labels=5
+        )
+        return realistic(T.ResNetForImageClassification(config))
+
+    teacher, student = resnet([2, 2]), resnet([1, 1])
+    result = fxkd.compress(teacher, student, _images(64), num_samples=64, progress=False)
+    assert result.report.strategy == "cuts" and result.report.capture == "export"
+    rows = result.report.calibrated
+    assert len({r.teacher for r in rows}) >= 3  # the stem, both stage outputs, the head
+    assert all(r.err_after < r.err_given for r in rows if r.err_given > 1e-6)
