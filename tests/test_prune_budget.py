@@ -60,3 +60,12 @@ def test_scope_all_refuses_a_runaway_analysis_naming_the_budget(hanging_torch_pr
     teacher, shape = make("vgg")
     with pytest.raises(TorchPruningError, match=r"budget of 0.5 s.*Hint: raise time_budget_s"):
         prune(teacher, 0.5, example_inputs=torch.randn(2, *shape), scope="all", time_budget_s=0.5)
+
+
+def test_the_analysis_shows_its_progress_unless_asked_not_to(capfd):
+    teacher, shape = make("vgg")
+    x = torch.randn(2, *shape)
+    prune(teacher, 0.5, example_inputs=x)
+    assert "fxkd prune: VGGStyle's channel groups" in capfd.readouterr().err
+    prune(teacher, 0.5, example_inputs=x, progress=False)
+    assert "fxkd prune" not in capfd.readouterr().err

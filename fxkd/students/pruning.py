@@ -18,6 +18,7 @@ import math
 
 import torch
 from torch import nn
+from tqdm.auto import tqdm
 
 from fxkd.errors import ConfigError
 from fxkd.inputs import Inputs
@@ -91,6 +92,7 @@ def prune(
     scope: str = "auto",
     time_budget_s: float | None = 120.0,
     memory_budget_bytes: int | str | None = "auto",
+    progress: bool = True,
 ) -> nn.Module:
     """A filter-pruned copy of ``teacher`` with ``ratio`` of each coupled channel group removed.
 
@@ -112,7 +114,8 @@ def prune(
     back with a warning, when torch-pruning fails or its analysis runs past
     ``time_budget_s`` seconds or grows the process's memory by more than
     ``memory_budget_bytes`` (``"auto"``: half the memory available when it starts; None: no
-    budget), to fxkd's own analysis: the internal chains
+    budget), to fxkd's own analysis (``progress``: tqdm bars over torch-pruning's channel
+    groups as they are found and pruned): the internal chains
     and the block outputs: residual streams (``fxkd.students.streams``: joined only by adds and
     per-channel ops, e.g. RegNet's stages) and routing regions (``fxkd.students.lanes``:
     concatenations, chunks and channel shuffles, e.g. ShuffleNet's stages); block outputs that
@@ -137,6 +140,7 @@ def prune(
             ignored_layers,
             time_budget_s,
             default_memory_budget() if memory_budget_bytes == "auto" else memory_budget_bytes,
+            progress,
         )
         check_output_shapes(teacher, student, example_inputs)
         return student
@@ -261,15 +265,16 @@ def _with_lanes(student, ratio, example_inputs, importance, skip):
 
 
 def _prune_all(
-    teacher, ratio, importance, example_inputs, ignored_layers, budget_s=None, memory_bytes=None
-) -> nn.Module:
+    teacher, ratio, importance, example_inputs, ignored_layers, budget_s=None, memory_bytes=None,
+    progress=True,
+) -> nn.Module:  # fmt: skip
     """``scope="all"``: torch-pruning's coupled groups, fxkd's scores and kept indices, its
     analysis and pruning within ``budget_s`` seconds and ``memory_bytes`` of memory growth
     (TorchPruningError past either)."""
     try:
         with analysis_budget(budget_s, memory_bytes):
             return _prune_with_torch_pruning(
-                teacher, ratio, importance, example_inputs, ignored_layers
+                teacher, ratio, importance, example_inputs, ignored_layers, progress
             )
     except BudgetExceeded as exc:
         raise TorchPruningError(
@@ -279,9 +284,11 @@ def _prune_all(
 
 
 def _prune_with_torch_pruning(
-    teacher, ratio, importance, example_inputs, ignored_layers
+    teacher, ratio, importance, example_inputs, ignored_layers, progress=True
 ) -> nn.Module:
-    """torch-pruning's coupled groups, fxkd's scores and kept indices."""
+    """torch-pruning's coupled groups, fxkd's scores and kept indices; progress bars over the
+    groups as torch-pruning finds them (its enumeration is what can run long) and as they are
+    pruned."""
     import torch_pruning as tp
 
     student = copy.deepcopy(teacher).eval()
@@ -303,9 +310,13 @@ def _prune_with_torch_pruning(
             "the kept channels from the BatchNorms or takes channel_maps="
         ) from exc
     maps: dict[str, list[int]] = {}
-    for group in list(
-        graph.get_all_groups(ignored_layers=ignored, root_module_types=[*CONV_TYPES, nn.Linear])
-    ):
+    bar = {"unit": "group", "disable": not progress, "leave": False}
+    name = type(teacher).__name__
+    groups = graph.get_all_groups(
+        ignored_layers=ignored, root_module_types=[*CONV_TYPES, nn.Linear]
+    )
+    groups = list(tqdm(groups, desc=f"fxkd prune: {name}'s channel groups", **bar))
+    for group in tqdm(groups, desc=f"fxkd prune: pruning {name}", **bar):
         root = group[0].dep
         try:  # a group whose members disagree in width (GhostNet's concatenations) fails here
             scores = _importance(group, importance)
