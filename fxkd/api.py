@@ -14,11 +14,10 @@ import torch.fx as fx
 from torch import nn
 
 from fxkd.align import Alignment, align
-from fxkd.capture import capture, capture_error, hides_layers
+from fxkd.capture import capture, capture_all
 from fxkd.config import CompressConfig
 from fxkd.data import take_inputs
-from fxkd.errors import ConfigError, TraceError
-from fxkd.inputs import Inputs
+from fxkd.errors import ConfigError
 from fxkd.onnx import ValidationReport, export_onnx_counted, exported_elements, validate_onnx
 from fxkd.passes import CalibrateAdapters, FoldAdapters, FoldBatchNorm, InsertAdapters
 from fxkd.passes.memory import MemoryEstimate
@@ -96,8 +95,12 @@ def compress(
     teacher_run = _at_least_fp32(teacher)
     student_run = _at_least_fp32(student)
     work = copy.deepcopy(student_run).to(device)
-    (teacher_gm, reference, student_gm), method = _capture_all(
-        cfg, example, (teacher_run, student_run, work)
+    models = (teacher_run, student_run, work)
+    (teacher_gm, reference, student_gm), method = capture_all(
+        models,
+        [to_module(example, m) for m in models],
+        method=cfg.capture,
+        leaf_modules=cfg.leaf_modules,
     )
     maps, source = dict(cfg.channel_maps), "given"
     if not maps:
@@ -160,43 +163,6 @@ def compress(
             reference_elements=exported_elements(original, to_module(example, original)),
         )
     return CompressResult(student_gm, report, validation, alignment, calibrate.memory)
-
-
-def _capture_all(
-    cfg: CompressConfig, example: Inputs, models: tuple[nn.Module, ...]
-) -> tuple[list[fx.GraphModule], str]:
-    """Every model captured by one front-end (graphs of one flavour align node for node), and
-    its name: ``cfg.capture``, or under ``"auto"`` symbolic tracing when it captures every
-    model and hides no layer (``fxkd.capture.hides_layers``), else ``torch.export`` for all.
-    TraceError names each front-end's failure."""
-
-    def run(method: str) -> list[fx.GraphModule]:
-        return [
-            capture(m, to_module(example, m), method=method, leaf_modules=cfg.leaf_modules)
-            for m in models
-        ]
-
-    if cfg.capture != "auto":
-        return run(cfg.capture), cfg.capture
-    try:
-        traced = run("fx")
-        if not any(hides_layers(gm) for gm in traced):
-            return traced, "fx"
-        try:  # export lifts the layers symbolic tracing followed into back to modules
-            return run("export"), "export"
-        except TraceError:
-            return traced, "fx"
-    except TraceError as fx_error:
-        if not fx_error.attempts:  # captured, but the samples do not fit the model
-            raise
-        log.info("symbolic tracing failed; capturing with torch.export: %s", fx_error)
-        try:
-            return run("export"), "export"
-        except TraceError as export_error:
-            attempts = {**fx_error.attempts, **export_error.attempts}
-            raise capture_error(
-                " and ".join(sorted({type(m).__name__ for m in models})), attempts
-            ) from export_error
 
 
 def _report(alignment, insert, calibrate, fold, adapter_of, cfg, num_samples) -> Report:

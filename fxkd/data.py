@@ -52,9 +52,9 @@ def take_inputs(
         torch.manual_seed(seed)
         for batch in batches:
             inputs = bind_batch(batch, key, model)
+            if taken:  # structure and per-sample shapes checked as they come
+                taken[0].check_matches(inputs)
             taken.append(inputs[: num_samples - count].detach())
-            if len(taken) > 1:  # structure and per-sample shapes checked as they come
-                Inputs.cat(taken[:1] + taken[-1:])
             count += len(taken[-1])
             if count >= num_samples:
                 break

@@ -20,7 +20,7 @@ from torch.fx._pytree import tree_flatten_spec
 
 from fxkd.errors import DataError
 
-__all__ = ["Inputs", "bind_batch", "forward_parameters"]
+__all__ = ["Inputs", "bind_batch", "forward_parameters", "moved"]
 
 
 @dataclass(frozen=True)
@@ -72,21 +72,24 @@ class Inputs:
         """The samples of ``parts`` one after the other (all of one structure)."""
         first = parts[0]
         for p in parts[1:]:
-            if len(p.args) != len(first.args) or p.kwargs.keys() != first.kwargs.keys():
-                raise DataError(
-                    f"batches disagree in structure: {first.describe()} then {p.describe()}. "
-                    "Hint: every batch must hold the same inputs."
-                )
-            for (name, a), (_, b) in zip(first.named_leaves(), p.named_leaves(), strict=True):
-                if a.shape[1:] != b.shape[1:]:
-                    raise DataError(
-                        f"batch shapes disagree at input {name}: {tuple(a.shape[1:])} then "
-                        f"{tuple(b.shape[1:])} (per sample). Hint: resize or pad inputs to one "
-                        "shape."
-                    )
+            first.check_matches(p)
         args = tuple(torch.cat([p.args[i] for p in parts]) for i in range(len(first.args)))
         kwargs = {k: torch.cat([p.kwargs[k] for p in parts]) for k in first.kwargs}
         return cls(args, kwargs)
+
+    def check_matches(self, other: Inputs) -> None:
+        """DataError unless ``other`` holds the same inputs with the same per-sample shapes."""
+        if len(other.args) != len(self.args) or other.kwargs.keys() != self.kwargs.keys():
+            raise DataError(
+                f"batches disagree in structure: {self.describe()} then {other.describe()}. "
+                "Hint: every batch must hold the same inputs."
+            )
+        for (name, a), (_, b) in zip(self.named_leaves(), other.named_leaves(), strict=True):
+            if a.shape[1:] != b.shape[1:]:
+                raise DataError(
+                    f"batch shapes disagree at input {name}: {tuple(a.shape[1:])} then "
+                    f"{tuple(b.shape[1:])} (per sample). Hint: resize or pad inputs to one shape."
+                )
 
     def leaves(self) -> list[torch.Tensor]:
         return [*self.args, *self.kwargs.values()]
@@ -117,13 +120,7 @@ class Inputs:
 
     def to(self, device: torch.device | str | None = None, dtype: torch.dtype | None = None):
         """On ``device``; floating inputs in ``dtype`` (integer and bool ones keep theirs)."""
-
-        def move(t: torch.Tensor) -> torch.Tensor:
-            if dtype is not None and t.is_floating_point():
-                return t.to(device, dtype)
-            return t.to(device) if device is not None else t
-
-        return self.map(move)
+        return self.map(lambda t: moved(t, device, dtype))
 
     def detach(self) -> Inputs:
         return self.map(torch.Tensor.detach)
@@ -135,6 +132,15 @@ class Inputs:
     def call(self, model: Callable[..., Any]) -> Any:
         """``model(*args, **kwargs)``."""
         return model(*self.args, **self.kwargs)
+
+    def failure(self, model: Callable[..., Any]) -> Exception | None:
+        """The error ``model`` raises on these inputs (run without grad), else None."""
+        try:
+            with torch.no_grad():
+                self.call(model)
+        except Exception as exc:
+            return exc
+        return None
 
     def describe(self) -> str:
         """Each input's name, shape (per batch) and dtype, for messages."""
@@ -182,6 +188,15 @@ class Inputs:
 
 LABEL_KEYS = frozenset({"label", "labels"})
 """Dict entries never passed as inputs: labels (a Hugging Face model would compute a loss)."""
+
+
+def moved(
+    t: torch.Tensor, device: torch.device | str | None, dtype: torch.dtype | None
+) -> torch.Tensor:
+    """``t`` on ``device``, in ``dtype`` when it is floating (token ids and masks keep theirs)."""
+    if dtype is not None and t.is_floating_point():
+        return t.to(device, dtype)
+    return t.to(device) if device is not None else t
 
 
 def forward_parameters(model: Callable[..., Any]) -> tuple[list[str], list[str]]:

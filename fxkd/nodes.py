@@ -15,6 +15,7 @@ __all__ = [
     "AFFINE_TYPES",
     "add_operands",
     "affine_module",
+    "attr_tensor",
     "channel_step",
     "clamp_bounds",
     "eval_batchnorm",
@@ -268,7 +269,7 @@ def _permutation(node: fx.Node) -> tuple[int, ...] | None:
     return None
 
 
-def _constant(gm: fx.GraphModule, node: object) -> torch.Tensor | None:
+def attr_tensor(gm: fx.GraphModule, node: object) -> torch.Tensor | None:
     """The tensor behind a get_attr node (a parameter or buffer), else None."""
     if isinstance(node, fx.Node) and node.op == "get_attr":
         value = gm
@@ -298,7 +299,7 @@ def channel_step(
     if node.op == "call_function" and node.target in _MUL_FUNCTIONS and len(node.args) == 2:
         a, b = node.args
         other = b if a is x else a if b is x else None
-        scale = _constant(gm, other)
+        scale = attr_tensor(gm, other)
         if scale is None or scale.dim() > ndim:
             return None
         shape = [1] * (ndim - scale.dim()) + list(scale.shape)
@@ -313,7 +314,7 @@ def channel_step(
 
 def _scale_of(gm: fx.GraphModule, node: fx.Node) -> torch.Tensor | None:
     if node.op == "call_function" and node.target in _MUL_FUNCTIONS:
-        return next((t for t in (_constant(gm, a) for a in node.args) if t is not None), None)
+        return next((t for t in (attr_tensor(gm, a) for a in node.args) if t is not None), None)
     return None
 
 

@@ -9,7 +9,7 @@ from collections.abc import Iterator
 import torch
 from torch import nn
 
-from fxkd.inputs import Inputs
+from fxkd.inputs import Inputs, moved
 
 __all__ = ["full_precision", "module_device", "module_dtype", "to_module"]
 
@@ -47,6 +47,4 @@ def to_module(x: torch.Tensor | Inputs, module: nn.Module) -> torch.Tensor | Inp
     masks keep theirs)."""
     if isinstance(x, Inputs):
         return x.to(module_device(module), module_dtype(module))
-    if not x.is_floating_point():
-        return x.to(module_device(module))
-    return x.to(module_device(module), module_dtype(module))
+    return moved(x, module_device(module), module_dtype(module))

@@ -58,8 +58,8 @@ class GraphRunner:
         # per chunk, the value of each placeholder (several for several inputs)
         self.chunks = [
             [
-                self._store(v) if self.offload else _on(v, self.device)
-                for v in c.placeholder_values(gm)
+                self._store(v)
+                for v in (c if self.offload else c.to(self.device)).placeholder_values(gm)
             ]
             for c in inputs
         ]
@@ -239,10 +239,6 @@ def _model_tensors(gm: fx.GraphModule) -> list[torch.Tensor]:
     for module in gm.modules():
         found += [v for v in vars(module).values() if isinstance(v, torch.Tensor)]
     return found
-
-
-def _on(value, device: torch.device):
-    return value.to(device) if isinstance(value, torch.Tensor) else value
 
 
 def _dense(t: torch.Tensor) -> bool:

@@ -33,6 +33,7 @@ __all__ = [
     "FxkdTracer",
     "annotate_shapes",
     "capture",
+    "capture_all",
     "capture_error",
     "captured_with",
     "eval_mode",
@@ -59,50 +60,79 @@ def capture(
     leaf_modules: Sequence[type] = (),
     concrete_args: dict[str, Any] | None = None,
 ) -> fx.GraphModule:
-    """``model`` as a GraphModule annotated with shapes on ``example`` (one batch).
+    """``model`` as a GraphModule annotated with shapes on ``example`` (one batch): the one
+    model of :func:`capture_all`."""
+    graphs, _ = capture_all(
+        [model], [example], method=method, leaf_modules=leaf_modules, concrete_args=concrete_args
+    )
+    return graphs[0]
 
-    ``method``: ``"fx"``, ``"export"`` or ``"auto"`` (symbolic tracing, then torch.export).
-    A GraphModule passes through as it is. Raises TraceError naming every front-end tried and
-    why it failed."""
+
+def capture_all(
+    models: Sequence[nn.Module],
+    examples: Sequence[torch.Tensor | Inputs],
+    *,
+    method: str = "auto",
+    leaf_modules: Sequence[type] = (),
+    concrete_args: dict[str, Any] | None = None,
+) -> tuple[list[fx.GraphModule], str]:
+    """Every model captured by one front-end (graphs of one flavour align node for node), each
+    annotated with shapes on its example batch, and the front-end's name.
+
+    ``method``: ``"fx"``, ``"export"`` or ``"auto"``: symbolic tracing when it captures every
+    model and no traced graph hides layers (:func:`hides_layers`), else ``torch.export`` for
+    all (the traced graphs when export fails where tracing only hid layers). A GraphModule
+    passes through as it is. Raises TraceError naming every front-end tried and why it failed;
+    a batch the model itself cannot run on is reported as that, not as a capture failure."""
     if method not in CAPTURE_METHODS:
         raise ConfigError(f"capture={method!r}; expected one of {CAPTURE_METHODS}")
-    example = Inputs.of(example)
-    if isinstance(model, fx.GraphModule):
-        annotate_shapes(model, example)
-        return model
+    pairs = list(zip(models, [Inputs.of(e) for e in examples], strict=True))
     failures: dict[str, str] = {}
     traced = None
     if method in ("auto", "fx"):
         try:
-            gm = trace(model, leaf_modules=leaf_modules, concrete_args=concrete_args)
-        except TraceError as exc:
-            failures["symbolic tracing"] = _first_line(exc.__cause__ or exc)
+            traced = [_traced(m, x, leaf_modules, concrete_args) for m, x in pairs]
+        except _NotTraced as exc:
+            failures["symbolic tracing"] = str(exc)
         else:
-            try:
-                annotate_shapes(gm, example)
-            except TraceError as exc:
-                if not _runs(model, example):
-                    raise  # the samples do not fit the model: no front-end would help
-                failures["symbolic tracing"] = _first_line(exc.__cause__ or exc)
-            else:
-                gm.meta[_KEY] = "fx"
-                if method == "fx" or not hides_layers(gm):
-                    return gm
-                traced = gm  # kept unless export does better
+            if method == "fx" or not any(hides_layers(gm) for gm in traced):
+                return traced, "fx"
     if method in ("auto", "export"):
         from fxkd.capture.export import export_graph
 
         try:
-            gm = export_graph(model, example)
+            graphs = [m if isinstance(m, fx.GraphModule) else export_graph(m, x) for m, x in pairs]
         except Exception as exc:
             if traced is not None:
-                return traced
+                return traced, "fx"
             failures["torch.export"] = _first_line(exc)
         else:
-            annotate_shapes(gm, example)
-            gm.meta[_KEY] = "export"
-            return gm
-    raise capture_error(type(model).__name__, failures)
+            for gm, (_, x) in zip(graphs, pairs, strict=True):
+                annotate_shapes(gm, x)
+                gm.meta.setdefault(_KEY, "export")
+            return graphs, "export"
+    raise capture_error(" and ".join(sorted({type(m).__name__ for m in models})), failures)
+
+
+class _NotTraced(Exception):
+    """Symbolic tracing could not capture a model (the message says why)."""
+
+
+def _traced(model, example: Inputs, leaf_modules, concrete_args) -> fx.GraphModule:
+    """``model`` symbolically traced and annotated; _NotTraced when tracing fails or its graph
+    does not run where the model does (a GraphModule passes through)."""
+    try:
+        gm = trace(model, leaf_modules=leaf_modules, concrete_args=concrete_args)
+    except TraceError as exc:
+        raise _NotTraced(_first_line(exc.__cause__ or exc)) from exc
+    try:
+        annotate_shapes(gm, example)
+    except TraceError as exc:
+        if not _runs(model, example):
+            raise  # the samples do not fit the model: no front-end would help
+        raise _NotTraced(_first_line(exc.__cause__ or exc)) from exc
+    gm.meta.setdefault(_KEY, "fx")
+    return gm
 
 
 _FUNCTIONAL_LAYERS = {F.conv1d, F.conv2d, F.conv3d, F.linear, F.batch_norm}
@@ -133,13 +163,9 @@ def capture_error(name: str, failures: dict[str, str]) -> TraceError:
 
 
 def _runs(model: nn.Module, example: Inputs) -> bool:
-    """Whether the model itself runs on the example batch."""
-    try:
-        with torch.no_grad(), eval_mode(model):
-            example.call(model)
-    except Exception:
-        return False
-    return True
+    """Whether the model itself runs on the example batch (in eval mode)."""
+    with eval_mode(model):
+        return example.failure(model) is None
 
 
 def _first_line(exc: BaseException) -> str:

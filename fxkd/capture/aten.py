@@ -27,6 +27,8 @@ import torch.fx as fx
 import torch.nn.functional as F
 from torch import nn
 
+from fxkd.nodes import attr_tensor
+
 __all__ = ["normalise_aten"]
 
 aten = torch.ops.aten
@@ -203,7 +205,7 @@ def _lift_affine(gm: fx.GraphModule, node: fx.Node) -> None:
     args = _arguments(node)
     weight, bias = args.get("weight"), args.get("bias")
     owner = _owner(gm, {"weight": weight, "bias": bias}, {"weight", "bias"})
-    value = _constant(gm, weight)
+    value = attr_tensor(gm, weight)
     if owner is None or value is None:
         return
     if node.target is aten.linear.default:
@@ -232,7 +234,7 @@ def _lift_batchnorm(gm: fx.GraphModule, node: fx.Node) -> None:
         return
     state = {k: args.get(k) for k in ("weight", "bias", "running_mean", "running_var")}
     owner = _owner(gm, state, _BATCHNORM_STATE)
-    mean = _constant(gm, args["running_mean"])
+    mean = attr_tensor(gm, args["running_mean"])
     x = args["input"]
     rank = getattr(x.meta.get("val"), "ndim", None) if isinstance(x, fx.Node) else None
     if owner is None or mean is None or rank not in _BATCHNORMS:
@@ -260,12 +262,3 @@ def _lift_batchnorm(gm: fx.GraphModule, node: fx.Node) -> None:
             user.replace_all_uses_with(call)
             gm.graph.erase_node(user)
     gm.graph.erase_node(node)
-
-
-def _constant(gm: fx.GraphModule, node: Any) -> torch.Tensor | None:
-    if not isinstance(node, fx.Node) or node.op != "get_attr":
-        return None
-    value: Any = gm
-    for part in str(node.target).split("."):
-        value = getattr(value, part, None)
-    return value if isinstance(value, torch.Tensor) else None

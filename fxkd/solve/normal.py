@@ -87,9 +87,7 @@ class NormalEquations:
         self._mask: torch.Tensor | None = None  # m (L, nk) of update_patches; None: uniform
         self._producer = None  # update_patches' conv: its patches of the summed inputs give S
         self._displaced: DisplacedProducts | None = None  # update_patches' stride-1 products
-        self._was_displaced = False  # the patches route took displaced products
-        self._wide_shift: tuple[torch.Tensor, torch.Tensor] | None = None  # μ, ν before project
-        self._cross_only_displaced = False  # retargeted from a displaced system
+        self._displaced_route: bool | None = None  # patches by displaced products (decided once)
         self._final: tuple[torch.Tensor, torch.Tensor] | None = None
         self._narrow: tuple[BlockAffine, torch.Tensor, torch.Tensor] | None = None  # M, G_h, B_h
         self._gram_of: NormalEquations | None = None  # retargeted: whose Gram this system has
@@ -102,15 +100,15 @@ class NormalEquations:
         shifts μ, ν stay this system's (the algebra is exact for any shift). For re-solves
         whose targets change and whose features do not (``fxkd.solve.relax``): the D×D
         products, the bulk of the work, are not taken again."""
-        if self._shift is None and self._wide_shift is None:
+        if self._shift is None:
             raise RuntimeError("NormalEquations.retargeted: no rows were added")
         out = NormalEquations(
             self.partitions, self._wide_features, self.targets, bias=self.bias, device=self.device
         )
         out._gram_of = self
-        out._shift = self._shift if self._shift is not None else self._wide_shift
+        out._shift = self._shift
         out._products.cross_only = True
-        out._cross_only_displaced = self._displaced is not None or self._was_displaced
+        out._displaced_route = self._displaced_route  # the same rows, by the same route
         return out
 
     @property
@@ -161,13 +159,9 @@ class NormalEquations:
             mu = mu_c.view(g, c // g, 1).expand(g, c // g, taps).reshape(g, -1)
             self._set_shift(mu, y, dtype)
         mu_c = self._shift[0].view(g, c // g, taps)[:, :, 0].reshape(-1).to(x.device, dtype)
-        if (
-            self._displaced is not None
-            or self._cross_only_displaced
-            or (
-                self._mask is None and self._gram_of is None and displaced_products_pay(producer, x)
-            )
-        ):  # decided at the first update: the producer and the input's shape stay the same
+        if self._displaced_route is None:  # the producer and the input's shape stay the same
+            self._displaced_route = displaced_products_pay(producer, x)
+        if self._displaced_route:
             self._add_displaced(x.to(dtype), producer, mu_c, y)
             return
         xc, self._mask, x_total = centred_patch_rows(x.to(dtype), producer, mu_c)
@@ -185,7 +179,6 @@ class NormalEquations:
                 producer, spatial, p, x.shape[1] // p, k, x.dtype, x.device
             )
             self._displaced.cross_only = self._gram_of is not None
-            self._was_displaced = True
             self._mask = patch_mask(producer, spatial, x.device)
             self._producer = producer
         x_total, y_sum = self._displaced.add(x, mu_c, y, self._shift[1])
@@ -351,11 +344,10 @@ class NormalEquations:
         self._check_open()
         gram, cross = self._finalize()
         self._narrow = (BlockAffine(mapping.to(gram), self.bias, blocks), gram, cross)
-        self._wide_shift = self._shift
         self.features = mapping.shape[-2] - int(self.bias)
         self._final = self._base = None
         self._products = CentredProducts(self.features)
-        self._displaced = self._shift = None
+        self._displaced = None  # the shift stays: a retargeted system takes the same rows
         self._stats, self._pending_rows, self._mask = {}, 0, None
 
     def conditioning(self) -> Conditioning:

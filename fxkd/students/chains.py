@@ -50,18 +50,20 @@ class Chain:
     consumer: str
 
 
-def _conv(gm: fx.GraphModule, node: fx.Node) -> nn.Module | None:
-    if node.op != "call_module":
-        return None
-    m = gm.get_submodule(str(node.target))
-    return m if isinstance(m, CONV_TYPES) else None
-
-
-def _linear(gm: fx.GraphModule, node: fx.Node | None) -> nn.Linear | None:
+def _called(gm: fx.GraphModule, node: fx.Node | None, types: tuple[type, ...]) -> nn.Module | None:
+    """The module of one of ``types`` that ``node`` calls, else None."""
     if node is None or node.op != "call_module":
         return None
     m = gm.get_submodule(str(node.target))
-    return m if isinstance(m, nn.Linear) else None
+    return m if isinstance(m, types) else None
+
+
+def _conv(gm: fx.GraphModule, node: fx.Node | None) -> nn.Module | None:
+    return _called(gm, node, CONV_TYPES)
+
+
+def _linear(gm: fx.GraphModule, node: fx.Node | None) -> nn.Linear | None:
+    return _called(gm, node, (nn.Linear,))
 
 
 def _next(node: fx.Node) -> fx.Node | None:

@@ -74,16 +74,18 @@ def decouple(teacher: nn.Module, *, rank: int = 1, example_inputs: Any = None) -
         if isinstance(m, CONV_TYPES) and m.groups == 1 and math.prod(m.kernel_size) > 1
     ]
     originals = {name: student.get_submodule(name) for name in targets}
+    decoupled = {name: _decoupled(conv, rank) for name, conv in originals.items()}
     for name in targets:
-        _replace(student, name, _decoupled(originals[name], rank))
-    if example_inputs is None or _runs(student, example_inputs):
+        _replace(student, name, decoupled[name])
+    example = None if example_inputs is None else Inputs.example(example_inputs)
+    if example is None or example.failure(student) is None:
         return _checked(teacher, student, example_inputs)
     kept = []  # one at a time: a conv whose replacement makes the model fail keeps its form
     for name in targets:
         _replace(student, name, originals[name])
     for name in targets:
-        _replace(student, name, _decoupled(originals[name], rank))
-        if not _runs(student, example_inputs):
+        _replace(student, name, decoupled[name])
+        if example.failure(student) is not None:
             _replace(student, name, originals[name])
             kept.append(name)
     log.warning(
@@ -96,15 +98,6 @@ def decouple(teacher: nn.Module, *, rank: int = 1, example_inputs: Any = None) -
 def _replace(model: nn.Module, name: str, module: nn.Module) -> None:
     parent, _, attr = name.rpartition(".")
     setattr(model.get_submodule(parent) if parent else model, attr, module)
-
-
-def _runs(model: nn.Module, example_inputs: Any) -> bool:
-    try:
-        with torch.no_grad():
-            Inputs.example(example_inputs).call(model)
-    except Exception:
-        return False
-    return True
 
 
 def _checked(teacher: nn.Module, student: nn.Module, example_inputs: Any) -> nn.Module:

@@ -181,17 +181,6 @@ def _for_torch_pruning(example_inputs):
     return example_inputs.single if example_inputs.single is not None else example_inputs.args
 
 
-def _forward_failure(student: nn.Module, example_inputs) -> Exception | None:
-    """The error ``student`` raises on ``example_inputs``, else None: a built student must at
-    least run."""
-    try:
-        with torch.no_grad():
-            Inputs.example(example_inputs).call(student)
-    except Exception as exc:
-        return exc
-    return None
-
-
 def _with_output_producers(teacher, example_inputs, ignored_layers) -> list[nn.Module]:
     """``ignored_layers`` (default: the last Linear) plus every layer whose output channels
     reach a model output (``output_producers``): a student computes the teacher's outputs."""
@@ -233,7 +222,7 @@ def _prune_with_fxkd(
             "activation, depthwise conv] -> conv with one user at every step). Hint: prune it "
             "with another tool; compress infers the kept channels or takes channel_maps="
         )
-    failure = _forward_failure(student, example_inputs)
+    failure = Inputs.example(example_inputs).failure(student)
     if failure is not None:  # a chain rule met a layer it does not model
         raise ConfigError(
             f"the internally pruned {type(teacher).__name__} fails on example_inputs "
@@ -357,7 +346,7 @@ def _prune_with_torch_pruning(
                 f"({type(exc).__name__}: {exc}). Hint: prune it with another tool; compress "
                 "infers the kept channels from the BatchNorms or weights, or takes channel_maps="
             ) from exc
-    failure = _forward_failure(student, example_inputs)
+    failure = Inputs.example(example_inputs).failure(student)
     if failure is not None:  # groups pruned one by one can leave an inconsistent layer
         raise TorchPruningError(
             f"the {type(teacher).__name__} pruned by torch-pruning fails on example_inputs "
