@@ -4,6 +4,7 @@ in the passes, the algebra in fxkd.solve.fold / fxkd.solve.normal."""
 from __future__ import annotations
 
 import copy
+import dataclasses
 import logging
 import os
 from dataclasses import dataclass
@@ -114,6 +115,10 @@ def compress(
     insert(student_gm)
     calibrate = CalibrateAdapters(teacher_gm, samples, cfg, reference=reference)
     calibrate(student_gm)
+    if calibrate.selected:  # the maps channel selection chose (CompressConfig.select_channels)
+        alignment = dataclasses.replace(
+            alignment, pairs=[calibrate.selected.get(p.site.module, p) for p in alignment.pairs]
+        )
     adapter_of = {
         m.pair.site.producer: name
         for name, m in student_gm.named_children()
@@ -207,6 +212,7 @@ def _report(alignment, insert, calibrate, fold, adapter_of, cfg, num_samples) ->
                 note="; ".join(notes),
                 conditioning=rec.conditioning,
                 relaxed=rec.relaxed,
+                ridge=rec.ridge,
             )
         )
     for s in alignment.skipped:

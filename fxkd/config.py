@@ -31,6 +31,9 @@ class CompressConfig:
             so a system with fewer samples than unknowns stays close to the student as given.
             ``None`` (default) picks the mode's default (``DEFAULT_RIDGE``), chosen by a sweep
             on a held-out slice of Fashion-MNIST's training split (README, "Ridge").
+            ``"cv"``: chosen per solve by 4-fold cross-validation over the samples
+            (``fxkd.solve.crossval``; the rows of one sample stay in one fold), from
+            ``CANDIDATES``; projected systems, and fewer than 8 samples, take the default.
         granularity: ``"layer"`` puts a site at every aligned affine producer; ``"block"`` keeps
             only the sites whose matched point is a block boundary (a cut of the graph).
         chunk_size: samples per forward chunk during calibration.
@@ -65,6 +68,12 @@ class CompressConfig:
             the same least squares against the closest such targets, which can only lower the
             error after the nonlinearity's bound. Errors at such points are reported after the
             nonlinearity. 0: plain least squares on the pre-activation (the paper's).
+        select_channels: in kernel mode, choose from the samples which teacher channels a
+            pruned student's *internal* channels imitate (``fxkd.passes.select``: the channels
+            of a producer read by one consumer only, picked greedily so that the consumer's
+            teacher output is best reconstructed from them), instead of the pruner's choice.
+            Shapes and the student are unchanged; only the calibration targets move. ``False``:
+            keep the channel maps as given or built.
         polish_steps: after the closed form, this many steps of the label-free gradient polish
             (``fxkd.polish``: Adam on the teacher-normalised squared error at every aligned
             point, BatchNorm frozen; shapes unchanged). 0 (default): closed form only. The
@@ -76,7 +85,7 @@ class CompressConfig:
 
     num_samples: int = 256
     mode: str = "kernel"
-    ridge: float | None = None
+    ridge: float | str | None = None
     granularity: str = "layer"
     chunk_size: int = 64
     device: str | None = None
@@ -90,6 +99,7 @@ class CompressConfig:
     subsample: float = 1.0
     memory_limit: int | None = None
     relax_rounds: int = 3
+    select_channels: bool = True
     polish_steps: int = 0
     polish_lr: float = 1e-3
     progress: bool = True
@@ -121,8 +131,14 @@ class CompressConfig:
             raise ConfigError(f"polish_steps={self.polish_steps!r} must be an int >= 0")
         if not self.polish_lr > 0:
             raise ConfigError(f"polish_lr={self.polish_lr!r} must be > 0")
-        if self.ridge is not None and not self.ridge >= 0:
-            raise ConfigError(f"ridge={self.ridge!r} must be >= 0 (a relative ridge, e.g. 1e-4)")
+        if (
+            self.ridge is not None
+            and self.ridge != "cv"
+            and not (isinstance(self.ridge, (int, float)) and self.ridge >= 0)
+        ):
+            raise ConfigError(
+                f"ridge={self.ridge!r} must be >= 0 (a relative ridge, e.g. 1e-4) or 'cv'"
+            )
         for name, channels in self.channel_maps.items():
             if len(set(channels)) != len(channels) or any(int(c) < 0 for c in channels):
                 raise ConfigError(
@@ -130,8 +146,8 @@ class CompressConfig:
                 )
 
     @property
-    def effective_ridge(self) -> float:
-        """The ridge in force: ``ridge``, or the mode's default."""
+    def effective_ridge(self) -> float | str:
+        """The ridge in force: ``ridge`` (a number or ``"cv"``), or the mode's default."""
         return DEFAULT_RIDGE[self.mode] if self.ridge is None else self.ridge
 
     def replace(self, **overrides: Any) -> CompressConfig:

@@ -23,7 +23,7 @@ class BlockRow:
     table's ``rank`` column shows it, a ``*`` marking an ill-conditioned site). ``relaxed``:
     the clamp (lo, hi) of the nonlinearity that alone reads the point, when the solve fitted
     what it passes on (``CompressConfig.relax_rounds``); the errors are then measured after
-    it."""
+    it. ``ridge``: the relative ridge cross-validation chose (``ridge="cv"``), else None."""
 
     student: str
     teacher: str | None
@@ -36,6 +36,7 @@ class BlockRow:
     note: str = ""
     conditioning: Conditioning | None = None
     relaxed: tuple[float, float] | None = None
+    ridge: float | None = None
 
 
 @dataclass

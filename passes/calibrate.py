@@ -32,14 +32,16 @@ from torch import nn
 from torch.fx.passes.infra.pass_base import PassResult
 from tqdm.auto import tqdm
 
+from fxkd.align import SitePair
 from fxkd.capture import eval_mode, trace
-from fxkd.config import CompressConfig
+from fxkd.config import DEFAULT_RIDGE, CompressConfig
 from fxkd.errors import CalibrationError
 from fxkd.inputs import Inputs
 from fxkd.nodes import clamp_bounds, redo_steps, undo_steps
 from fxkd.passes.memory import MemoryEstimate, check_fits
 from fxkd.passes.memory import estimate as estimate_memory
 from fxkd.placement import full_precision, module_device, module_dtype
+from fxkd.solve.crossval import FOLDS, FoldedEquations
 from fxkd.solve.fold import compose_pointwise, effective_affine
 from fxkd.solve.normal import Conditioning, NormalEquations, all_reduce_sum
 from fxkd.solve.patches import blocks, patch_blocks
@@ -50,6 +52,7 @@ from .adapter import KernelAdapter, PointwiseAdapter, adapter_points
 from .base import FxkdPass
 from .fold import batchnorm_folded_view
 from .runner import GraphRunner
+from .select import select_channel_maps
 
 __all__ = [
     "CalibrateAdapters",
@@ -71,7 +74,8 @@ class SiteRecord:
     already-corrected student; err_after: after the solve. conditioning: how well the samples
     determine the solve (dead/dependent features, condition bound; ``.ill`` flags trouble).
     relaxed: the clamp (lo, hi) the targets were relaxed through, and the errors measured
-    after it; None when the point's own value was fitted."""
+    after it; None when the point's own value was fitted. ridge: the relative ridge chosen by
+    cross-validation (``ridge="cv"``), else None (the configured one)."""
 
     adapter: str
     err_given: float | None
@@ -82,6 +86,7 @@ class SiteRecord:
     solved_as: str = ""
     conditioning: Conditioning | None = None
     relaxed: tuple[float, float] | None = None
+    ridge: float | None = None
 
 
 @dataclass
@@ -214,7 +219,10 @@ class CalibrateAdapters(FxkdPass):
 
     ``teacher`` is the GraphModule the alignment was made on (or the module, traced here with
     ``config.leaf_modules``); ``reference``, optional, is the traced student as given, run along
-    to report its error at every point. Results per adapter are in ``self.records``; the memory
+    to report its error at every point. In kernel mode with ``config.select_channels`` the
+    internal sites' channel maps are first chosen from the samples (``fxkd.passes.select``;
+    the changed pairs, written into their adapters, are in ``self.selected``). Results per
+    adapter are in ``self.records``; the memory
     estimate checked before the run in ``self.memory`` (MemoryBudgetError when it cannot fit),
     the bytes each runner actually held at its peak in ``self.peak_held``."""
 
@@ -236,6 +244,8 @@ class CalibrateAdapters(FxkdPass):
         self.records: dict[str, SiteRecord] = {}
         self.memory: MemoryEstimate | None = None
         self.peak_held: dict[str, int] = {}
+        self._ridges: dict[fx.Node, float | None] = {}
+        self.selected: dict[str, SitePair] = {}
 
     def call(self, graph_module: fx.GraphModule) -> PassResult:
         gm = graph_module
@@ -264,6 +274,7 @@ class CalibrateAdapters(FxkdPass):
         shard = _shard(self.samples)
         self.memory = estimate_memory(t_view, gm, len(shard), self.config, reference=r_view)
         check_fits(self.memory, self.config)
+        self.selected = self._select_channels(gm, groups, shard)
         chunks = list(shard.split(self.config.chunk_size))
         targets = [t_nodes[ms[0].module.pair.teacher_point] for ms in groups.values()]
         offload = self.config.offload
@@ -320,6 +331,22 @@ class CalibrateAdapters(FxkdPass):
             if r is not None
         }
         return PassResult(gm, True)
+
+    def _select_channels(self, gm, groups, samples) -> dict[str, SitePair]:
+        """In kernel mode with ``config.select_channels``: the internal sites' channel maps
+        chosen from the samples (``fxkd.passes.select``), written into their adapters' pairs;
+        returns the changed pairs by student module."""
+        if not (self.config.select_channels and self.config.mode == "kernel"):
+            return {}
+        adapters = [m.module for ms in groups.values() for m in ms]
+        pairs = [a.pair for a in adapters]
+        chosen = select_channel_maps(self.teacher, gm, pairs, samples, self.config)
+        selected = {}
+        for adapter, old, new in zip(adapters, pairs, chosen, strict=True):
+            if new is not old:
+                adapter.pair = new
+                selected[new.site.module] = new
+        return selected
 
     def _teacher_view(self, groups) -> fx.GraphModule:
         """The teacher as calibration runs it: BatchNorms folded into their convs (a cheaper
@@ -415,6 +442,7 @@ class CalibrateAdapters(FxkdPass):
                 "pointwise" if m.pointwise else "kernel",
                 cond,
                 bounds,
+                self._ridges.get(members[0].node),
             )
         log.debug("%s: rel err %.4g -> %.4g", point.name, err_before, err_after)
 
@@ -496,8 +524,13 @@ class CalibrateAdapters(FxkdPass):
         bias = any(m.bias for m in members)
         accumulated = sum(m.accumulated_size() for m in members)
         channels = members[0].module.pair.site.channels
+        folds = self._folds(members, targets)
         if gram_of is not None:
             eqs = gram_of.retargeted()
+        elif folds > 1:  # ridge="cv": one system per fold of the samples
+            eqs = FoldedEquations.empty(
+                folds, g, accumulated, channels // g, bias=bias, device=targets[0].device
+            )
         else:
             eqs = NormalEquations(
                 g, accumulated, channels // g, bias=bias, device=targets[0].device
@@ -506,9 +539,13 @@ class CalibrateAdapters(FxkdPass):
         # one conv solved by its kernel: patches built centred, in GEMM layout (update_patches)
         conv_patches = len(members) == 1 and not members[0].pointwise and dims > 0 and not subsample
         sums = None
+        total = sum(len(t) for t in targets)
+        start = 0
         for i, y_chunk in enumerate(targets):
-            pieces = [slice(None)] if subsample else _slices(y_chunk)
-            for sl in pieces:
+            pieces = _fold_pieces(y_chunk, start, total, folds, whole=subsample)
+            start += len(y_chunk)
+            for fold, sl in pieces:
+                into = eqs.fold(fold) if folds > 1 else eqs
                 y_target = y_chunk[sl]
                 y = y_target
                 if residual_node is not None:
@@ -529,7 +566,7 @@ class CalibrateAdapters(FxkdPass):
                 y = blocks(undo_steps(student.gm, steps, y), dims, g)
                 if conv_patches:
                     x_in = student.chunk(members[0].node.args[1], i)[sl]
-                    eqs.update_patches(x_in, members[0].producer, y)
+                    into.update_patches(x_in, members[0].producer, y)
                     continue
                 feats = [m.features(student, i, sl) for m in members]
                 feats = feats[0] if len(feats) == 1 else torch.cat(feats, dim=2)
@@ -537,9 +574,21 @@ class CalibrateAdapters(FxkdPass):
                     keep = _positions(y.shape[-1], self.config.subsample, (self.config.seed, i))
                     keep = keep.to(y.device)
                     feats, y = feats.index_select(-1, keep), y.index_select(-1, keep)
-                eqs.update_blocks(feats, y)
+                into.update_blocks(feats, y)
         eqs.all_reduce()
         return eqs, sums
+
+    def _folds(self, members: list[_Member], targets) -> int:
+        """How many systems a solve accumulates: ``FOLDS`` for ``ridge="cv"`` (one per fold of
+        the samples), else one. A projected system, or fewer than two samples per fold, takes
+        the mode's default ridge instead."""
+        if self.config.ridge != "cv" or any(m.projected for m in members):
+            return 1
+        return FOLDS if sum(len(t) for t in targets) >= 2 * FOLDS else 1
+
+    def _fixed_ridge(self) -> float:
+        ridge = self.config.effective_ridge
+        return DEFAULT_RIDGE[self.config.mode] if ridge == "cv" else ridge
 
     def _write_solution(self, eqs: NormalEquations, members: list[_Member]) -> None:
         """Solve ``eqs`` (a ridge towards the members' current weights) and write each
@@ -551,7 +600,11 @@ class CalibrateAdapters(FxkdPass):
         if bias:
             bias_row = next((p[:, -1:] for p, m in zip(priors, members, strict=True) if m.bias))
             prior = torch.cat([prior, bias_row], dim=1)
-        w = eqs.solve(self.config.effective_ridge, prior)
+        if isinstance(eqs, FoldedEquations):
+            w = eqs.solve(None, prior)  # the ridge chosen by cross-validation
+            self._ridges[members[0].node] = eqs.ridge
+        else:
+            w = eqs.solve(self._fixed_ridge(), prior)
         # one bias was solved for the point: members after the first keep their own (current)
         # shift and the first takes the rest, so no member's shift is zeroed needlessly
         biases: dict[int, torch.Tensor] = {}
@@ -680,6 +733,25 @@ def _slices(chunk: torch.Tensor) -> list[slice]:
         return [slice(None)]
     per = max(1, SLICE_BYTES // max(1, chunk[0].numel() * chunk.element_size()))
     return [slice(s, s + per) for s in range(0, n, per)]
+
+
+def _fold_pieces(chunk: torch.Tensor, start: int, total: int, folds: int, whole: bool = False):
+    """(fold, sample slice) pieces of a chunk whose first sample is sample ``start`` of
+    ``total``: sample s belongs to fold ``s·folds // total`` (contiguous folds of the samples),
+    each fold's share cut further into ``_slices`` (or kept whole with ``whole``)."""
+    n = len(chunk)
+    out = []
+    lo = 0
+    while lo < n:
+        fold = (start + lo) * folds // total
+        hi = min(n, -(-(fold + 1) * total // folds) - start)  # first sample of the next fold
+        part = chunk[lo:hi]
+        inner = [slice(None)] if whole else _slices(part)
+        for sl in inner:
+            a, b, _ = sl.indices(hi - lo)
+            out.append((fold, slice(lo + a, lo + b)))
+        lo = hi
+    return out
 
 
 def _accumulate(sums, diff: torch.Tensor, y: torch.Tensor | None) -> torch.Tensor:

@@ -111,11 +111,14 @@ def test_empty_loader_is_a_clear_fxkd_error():
     assert isinstance(info.value, FxkdError)
 
 
-@pytest.mark.parametrize("mode", ["pointwise", "kernel"])
-def test_each_network_runs_once_over_the_samples(mode):
+@pytest.mark.parametrize(
+    ("mode", "select"), [("pointwise", True), ("kernel", False), ("kernel", True)]
+)
+def test_each_network_runs_once_over_the_samples(mode, select):
     """Lockstep calibration: every teacher and student module sees each chunk exactly once
     (plus the two-sample example that records shapes: a chunk there cost as much as the
-    calibration's forwards), however many blocks there are."""
+    calibration's forwards), however many blocks there are. Channel selection (kernel mode)
+    adds one teacher pass, up to the last consumer whose input it reads."""
     teacher, shape = make("resnet")
     student, maps = prune_internal_resnet(teacher)
     calls: dict[str, int] = {}
@@ -146,6 +149,7 @@ def test_each_network_runs_once_over_the_samples(mode):
         chunk_size=32,
         channel_maps=maps,
         mode=mode,
+        select_channels=select,
         progress=False,
     )
     for h in handles:
@@ -157,10 +161,15 @@ def test_each_network_runs_once_over_the_samples(mode):
     # networks per block, as the reference FSKD code does, would multiply these by ~17.
     teacher_calls = {v for k, v in calls.items() if k.startswith("t.")}
     student_calls = {v for k, v in calls.items() if k.startswith("s.")}
-    assert teacher_calls == {1 + chunks}, calls
     assert student_calls == {2 * (1 + chunks)}, calls
-    assert {v for k, v in seen.items() if k.startswith("t.")} == {2 + 32 * chunks}
     assert {v for k, v in seen.items() if k.startswith("s.")} == {2 * (2 + 32 * chunks)}
+    selecting = select and mode == "kernel"
+    assert any(p.map_source == "selected" for p in result.alignment.pairs) == selecting
+    if selecting:  # its pass runs up to the last block's conv2, the teacher's last conv
+        assert teacher_calls == {1 + 2 * chunks}, calls
+        return
+    assert teacher_calls == {1 + chunks}, calls
+    assert {v for k, v in seen.items() if k.startswith("t.")} == {2 + 32 * chunks}
 
 
 def test_half_precision_models_calibrate_in_fp32_and_come_back_in_their_dtype():

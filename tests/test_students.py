@@ -54,7 +54,11 @@ def test_pruned_student_compresses_with_no_extra_arguments():
     result = fxkd.compress(teacher, student, torch.randn(128, *shape), progress=False)
     pairs = result.alignment.pairs
     assert result.alignment.strategy == "mirror" and not result.alignment.skipped
-    assert {p.map_source for p in pairs if p.channel_map} == {"builder"}
+    # block outputs keep the builder's maps; internal channels (conv1 of each block) are
+    # re-targeted from the samples in kernel mode (channel selection)
+    sources = {p.site.module: p.map_source for p in pairs if p.channel_map}
+    assert set(sources.values()) == {"builder", "selected"}, sources
+    assert all((src == "selected") == name.endswith("conv1") for name, src in sources.items())
     for row in result.report.calibrated:
         assert row.err_after < row.err_given or row.err_given < 1e-12
 

@@ -36,9 +36,10 @@ def test_transformers_model_compresses(arch, mode, tmp_path):
         p.numel() for p in teacher.parameters()
     )
     # pointwise mode's default ridge (1e-4, chosen on Fashion-MNIST CNNs) overfits 32 samples
-    # at MobileViT's transformer residual adds (weights x1000: held-out logit error 3.9 against
-    # 0.97 as given, and fp32-fragile, so onnxruntime parity fails); README, Known limits
-    ridge = 1e-2 if (arch, mode) == ("hf_mobilevit", "pointwise") else None
+    # at MobileViT's transformer residual adds (weights x1000: held-out logit error 7.7 against
+    # 0.97 as given, and fp32-fragile, so onnxruntime parity fails); the cross-validated ridge
+    # chooses per solve (measured: 0.94; README, Known limits)
+    ridge = "cv" if (arch, mode) == ("hf_mobilevit", "pointwise") else None
     result = fxkd.compress(
         teacher, student, loader, mode=mode, num_samples=32, ridge=ridge, progress=False,
         onnx=tmp_path / "s.onnx",

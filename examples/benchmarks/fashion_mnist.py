@@ -11,8 +11,11 @@ split (its last 5,000 images are held out for model selection and never sampled)
 
   none        the student as built
   fxkd-pw     fxkd.compress(mode="pointwise"): the paper's method             (no labels)
-  fxkd-pre    fxkd.compress(mode="kernel", relax_rounds=0): kernels fitted before the ReLU
-  fxkd-kernel fxkd.compress(mode="kernel"): whole kernels in closed form, fitted after (no labels)
+  fxkd-pre    fxkd.compress(mode="kernel", relax_rounds=0, select_channels=False): kernels
+              fitted before the ReLU, on the pruner's channel maps
+  fxkd-given  fxkd.compress(mode="kernel", select_channels=False): the pruner's channel maps
+  fxkd-kernel fxkd.compress(mode="kernel"): whole kernels in closed form, fitted after the ReLU,
+              internal channels re-targeted from the samples (the default)      (no labels)
   fxkd-polish fxkd-kernel, then 200 steps of fxkd.polish (gradient, same samples) (no labels)
   finetune    cross-entropy on the same N labelled samples                      (labels)
   fitnet      hint MSE at the same aligned points as fxkd, same N samples       (no labels)
@@ -50,7 +53,17 @@ from fxkd.students import channel_maps_of, decouple, prune
 
 log = logging.getLogger("fashion_mnist")
 RESULTS = Path(__file__).resolve().parent / "results"
-METHODS = ["none", "fxkd-pw", "fxkd-pre", "fxkd-kernel", "fxkd-polish", "finetune", "fitnet", "mir"]
+METHODS = [
+    "none",
+    "fxkd-pw",
+    "fxkd-pre",
+    "fxkd-given",
+    "fxkd-kernel",
+    "fxkd-polish",
+    "finetune",
+    "fitnet",
+    "mir",
+]
 POLISH_STEPS = 200  # fxkd.polish's defaults (picked on the held-out slice, never the test set)
 LABELS = {"finetune"}
 LRS = (1e-4, 1e-3)
@@ -188,6 +201,7 @@ def run_method(method, teacher, student, samples, labels, val, test, seed, repor
             seed=seed,
             polish_steps=POLISH_STEPS if method == "fxkd-polish" else 0,
             relax_rounds=0 if method == "fxkd-pre" else fxkd.CompressConfig.relax_rounds,
+            select_channels=method not in ("fxkd-given", "fxkd-pre"),
         )
         model = result.model
         if method != "fxkd-polish":  # its report is the closed form's (error_profile.py
