@@ -141,39 +141,50 @@ def select_channel_maps(
     wanted = {t_nodes[name] for link in links for name in (link.source, link.target)}
     device = next((p.device for p in teacher.parameters()), torch.device("cpu"))
     runner = GraphRunner(teacher, [c.to(device=device) for c in chunks], pinned=wanted)
-    systems = {}
+    out = list(pairs)
+    producers = {link.producer for link in links}
+    waiting = []  # links whose consumer's own map is not chosen yet: chosen last, backwards
+    chosen = 0
     with torch.no_grad(), eval_mode(teacher):
         for link in links:
             source, target = t_nodes[link.source], t_nodes[link.target]
             runner.run_through(target)
             consumer = teacher.get_submodule(link.consumer)
             eqs = _normal_equations(consumer, runner.value(source), runner.value(target))
-            systems[link] = (eqs.gram[0], eqs.cross[0], eqs.rows, eqs.features)
             for node in (source, target):
                 runner.unpin(node)
-    out = list(pairs)
-    chosen = 0
-    for link in reversed(links):  # the consumer's own map is final before its producer's
-        pair = out[index[link.producer]]
-        consumer = index.get(link.consumer)
-        keep = out[consumer].channel_map if consumer is not None else None
-        gram, cross, rows, features = systems.pop(link)
-        if keep is not None:
-            cross = cross[:, list(keep)]
-        count = len(pair.channel_map)
-        taps = features // pair.teacher_channels
-        if rows < 2 * count * taps:  # (measured: a stricter rule, rows >= 4·features, loses
-            # most of the gain at N=10 on VGG L1-75 and does not undo the one loss there)
-            log.info("%s: %d rows to choose %d channels: map kept", link.producer, rows, count)
-            continue
-        selected = tuple(select_groups(gram, cross, pair.teacher_channels, count))
-        chosen += selected != tuple(sorted(pair.channel_map))
-        out[index[link.producer]] = dataclasses.replace(
-            pair, channel_map=selected, map_source=MAP_SOURCE
-        )
-        log.debug("%s: imitates teacher channels %s", link.producer, selected)
+            system = (eqs.gram[0], eqs.cross[0], eqs.rows)
+            if link.consumer in producers:  # (held: the Gram is at the teacher's width)
+                waiting.append((link, system))
+            else:
+                chosen += _choose(link, system, out, index)
+    for link, system in reversed(waiting):  # a consumer's map is final before its producer's
+        chosen += _choose(link, system, out, index)
     log.info("channel selection: %d of %d internal sites re-targeted", chosen, len(links))
     return out
+
+
+def _choose(link: Link, system, out: list[SitePair], index: dict[str, int]) -> bool:
+    """Choose ``link.producer``'s map from its consumer's ``system`` (gram, cross, rows),
+    restricted to the consumer's current map, and write it into ``out``. Whether it changed."""
+    gram, cross, rows = system
+    pair = out[index[link.producer]]
+    consumer = index.get(link.consumer)
+    keep = out[consumer].channel_map if consumer is not None else None
+    if keep is not None:
+        cross = cross[:, list(keep)]
+    count = len(pair.channel_map)
+    taps = (gram.shape[0] - 1) // pair.teacher_channels
+    if rows < 2 * count * taps:  # (measured: a stricter rule, rows >= 4·features, loses most
+        # of the gain at N=10 on VGG L1-75 and does not undo the one loss there)
+        log.info("%s: %d rows to choose %d channels: map kept", link.producer, rows, count)
+        return False
+    selected = tuple(select_groups(gram, cross, pair.teacher_channels, count))
+    out[index[link.producer]] = dataclasses.replace(
+        pair, channel_map=selected, map_source=MAP_SOURCE
+    )
+    log.debug("%s: imitates teacher channels %s", link.producer, selected)
+    return selected != tuple(sorted(pair.channel_map))
 
 
 def _qualifies(pair: SitePair, student: fx.GraphModule, num_samples: int) -> bool:
