@@ -479,9 +479,12 @@ def render_json(paths: list[Path], args) -> int:
         write_outputs(out, stem, run["rows"], run["meta"], run.get("block_reports", {}))
         return 0
     meta = copy.deepcopy(runs[0]["meta"])
+    commands = list(dict.fromkeys(r["meta"]["command"] for r in runs))
     meta["command"] = (
-        f"{runs[0]['meta']['command']} (one of {len(runs)} runs split by --teachers/--students, "
-        f"merged with --from-json)"
+        f"{commands[0]} (one of {len(runs)} runs split by --teachers/--students, merged with "
+        "--from-json)"
+        if len(commands) == 1 or all(_same_but_cells(commands[0], c) for c in commands)
+        else f"{len(runs)} runs merged with --from-json: " + " ; ".join(commands)
     )
     meta["seeds"] = sorted({s for r in runs for s in r["meta"]["seeds"]})
     for key in ("teacher_acc", "students", "params"):
@@ -499,6 +502,15 @@ def render_json(paths: list[Path], args) -> int:
     stem = "fashion_mnist" + (f"_{args.tag}" if args.tag else "")
     write_outputs(Path(args.out), stem, rows, meta, blocks)
     return 0
+
+
+def _same_but_cells(a: str, b: str) -> bool:
+    """Whether two commands differ only in their --teachers/--students/--tag values."""
+
+    def rest(cmd: str) -> str:
+        return re.sub(r"--(teachers|students|tag) [^-]*", "", cmd)
+
+    return rest(a) == rest(b)
 
 
 def _machine(device: torch.device | None = None) -> str:
