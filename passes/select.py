@@ -140,7 +140,13 @@ def select_channel_maps(
     chunks = samples.split(config.chunk_size)
     wanted = {t_nodes[name] for link in links for name in (link.source, link.target)}
     device = next((p.device for p in teacher.parameters()), torch.device("cpu"))
-    runner = GraphRunner(teacher, [c.to(device=device) for c in chunks], pinned=wanted)
+    runner = GraphRunner(
+        teacher,
+        [c.to(device=device) for c in chunks],
+        pinned=wanted,
+        device=device,
+        offload=config.offload,
+    )
     out = list(pairs)
     producers = {link.producer for link in links}
     waiting = []  # links whose consumer's own map is not chosen yet: chosen last, backwards
@@ -150,7 +156,12 @@ def select_channel_maps(
             source, target = t_nodes[link.source], t_nodes[link.target]
             runner.run_through(target)
             consumer = teacher.get_submodule(link.consumer)
-            eqs = _normal_equations(consumer, runner.value(source), runner.value(target))
+            count = len(chunks)  # one chunk at a time on the device (held offloaded or not)
+            eqs = _normal_equations(
+                consumer,
+                (runner.chunk(source, i) for i in range(count)),
+                (runner.chunk(target, i) for i in range(count)),
+            )
             for node in (source, target):
                 runner.unpin(node)
             system = (eqs.gram[0], eqs.cross[0], eqs.rows)
@@ -202,14 +213,16 @@ def _qualifies(pair: SitePair, student: fx.GraphModule, num_samples: int) -> boo
     return num_samples * positions >= module.weight[0].numel()
 
 
-def _normal_equations(consumer: nn.Module, sources: list, targets: list) -> NormalEquations:
+def _normal_equations(consumer: nn.Module, sources, targets) -> NormalEquations:
     """Normal equations of the consumer's teacher output (all its channels) on its input's
     features: a conv's im2col patches, or a linear layer's inputs (rows over leading dims)."""
     conv = isinstance(consumer, CONV_TYPES)
     k = consumer.out_channels if conv else consumer.out_features
     d = consumer.weight[0].numel()
-    eqs = NormalEquations(1, d, k, bias=True, device=sources[0].device)
+    eqs = None
     for x, y in zip(sources, targets, strict=True):
+        if eqs is None:
+            eqs = NormalEquations(1, d, k, bias=True, device=x.device)
         if conv:
             eqs.update_patches(x, consumer, y.reshape(y.shape[0], 1, k, -1))
         else:
