@@ -127,6 +127,12 @@ def _module(gm: fx.GraphModule, node: fx.Node) -> nn.Module | None:
     return gm.get_submodule(str(node.target))
 
 
+def only_user(node: fx.Node) -> fx.Node | None:
+    """The one node that uses ``node``, or None when it has none or several."""
+    users = list(node.users)
+    return users[0] if len(users) == 1 else None
+
+
 def affine_module(gm: fx.GraphModule, node: fx.Node) -> nn.Module | None:
     """The Conv1d/2d/3d or Linear a node calls, if it calls one (plain, zero padding)."""
     m = _module(gm, node)

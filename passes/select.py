@@ -36,9 +36,11 @@ from fxkd.nodes import (
     CONV_TYPES,
     PER_CHANNEL_FUNCTIONS,
     PER_CHANNEL_MODULES,
+    affine_module,
     is_elementwise_nonlinearity,
     is_identity,
     module_call_counts,
+    only_user,
 )
 from fxkd.solve.normal import NormalEquations
 from fxkd.solve.selection import select_groups
@@ -69,10 +71,8 @@ def _module(gm: fx.GraphModule, node: fx.Node) -> nn.Module | None:
 
 
 def _ungrouped_affine(gm: fx.GraphModule, node: fx.Node) -> nn.Module | None:
-    m = _module(gm, node)
-    if isinstance(m, nn.Linear) or (isinstance(m, CONV_TYPES) and m.groups == 1):
-        return m
-    return None
+    m = affine_module(gm, node)
+    return m if m is not None and getattr(m, "groups", 1) == 1 else None
 
 
 def _per_channel(gm: fx.GraphModule, node: fx.Node) -> bool:
@@ -94,25 +94,20 @@ def internal_links(gm: fx.GraphModule) -> list[Link]:
         a = _ungrouped_affine(gm, node)
         if a is None or calls[str(node.target)] != 1:
             continue
-        prev, nxt = node, _only_user(node)
+        prev, nxt = node, only_user(node)
         while nxt is not None and nxt.args and nxt.args[0] is prev and _per_channel(gm, nxt):
-            prev, nxt = nxt, _only_user(nxt)
+            prev, nxt = nxt, only_user(nxt)
         c = _ungrouped_affine(gm, nxt) if nxt is not None else None
         if c is None or type(c) is not type(a) or calls[str(nxt.target)] != 1:
             continue
         if nxt.args[0] is not prev:
             continue
         target = nxt
-        bn = _only_user(nxt)
+        bn = only_user(nxt)
         if bn is not None and isinstance(_module(gm, bn), BATCHNORM_TYPES):
             target = bn
         links.append(Link(str(node.target), str(nxt.target), prev.name, target.name))
     return links
-
-
-def _only_user(node: fx.Node) -> fx.Node | None:
-    users = list(node.users)
-    return users[0] if len(users) == 1 else None
 
 
 def select_channel_maps(

@@ -30,7 +30,13 @@ from torch import nn
 
 from fxkd.capture import capture, trace
 from fxkd.inputs import Inputs
-from fxkd.nodes import BATCHNORM_TYPES, CONV_TYPES, is_elementwise_nonlinearity, is_identity
+from fxkd.nodes import (
+    BATCHNORM_TYPES,
+    CONV_TYPES,
+    is_elementwise_nonlinearity,
+    is_identity,
+    only_user,
+)
 from fxkd.students.common import kept_channels, slice_batchnorm, slice_inputs, slice_outputs
 
 __all__ = ["Chain", "find_chains", "prune_chains"]
@@ -66,16 +72,11 @@ def _linear(gm: fx.GraphModule, node: fx.Node | None) -> nn.Linear | None:
     return _called(gm, node, (nn.Linear,))
 
 
-def _next(node: fx.Node) -> fx.Node | None:
-    users = list(node.users)
-    return users[0] if len(users) == 1 else None
-
-
 def _walk(gm: fx.GraphModule, node: fx.Node) -> tuple[str | None, fx.Node | None]:
     """From a conv's node along single users: its BatchNorm (if any) and the first node that
     is neither BatchNorm nor activation (None when the path forks)."""
     bn = None
-    n = _next(node)
+    n = only_user(node)
     while n is not None:
         if n.op == "call_module" and isinstance(gm.get_submodule(str(n.target)), BATCHNORM_TYPES):
             if bn is not None:
@@ -83,7 +84,7 @@ def _walk(gm: fx.GraphModule, node: fx.Node) -> tuple[str | None, fx.Node | None
             bn = str(n.target)
         elif not (is_elementwise_nonlinearity(gm, n) or is_identity(gm, n)):
             return bn, n
-        n = _next(n)
+        n = only_user(n)
     return bn, None
 
 
