@@ -23,6 +23,7 @@ __all__ = [
     "is_elementwise_nonlinearity",
     "is_identity",
     "is_nonlinearity",
+    "is_per_channel",
     "module_call_counts",
     "redo_steps",
     "site_producer",
@@ -261,6 +262,16 @@ def is_identity(gm: fx.GraphModule, node: fx.Node) -> bool:
     if node.op == "call_module":
         return isinstance(_module(gm, node), _IDENTITY_MODULES)
     return _eval_drop(node)
+
+
+def is_per_channel(gm: fx.GraphModule, node: fx.Node) -> bool:
+    """A step that maps each channel on its own, so channel c stays channel c: BatchNorm,
+    pooling, an elementwise nonlinearity, an identity."""
+    if isinstance(_module(gm, node), PER_CHANNEL_MODULES):
+        return True
+    if node.op == "call_function" and node.target in PER_CHANNEL_FUNCTIONS:
+        return True
+    return is_elementwise_nonlinearity(gm, node) or is_identity(gm, node)
 
 
 def _permutation(node: fx.Node) -> tuple[int, ...] | None:

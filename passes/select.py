@@ -10,7 +10,10 @@ reconstructed: for each such A, the teacher's C input (its channels' k² taps) a
 (through its BatchNorm, restricted to C's own channel map) give normal equations, and
 ``fxkd.solve.selection.select_groups`` picks greedily the channels that explain most of that
 output. Links are chosen from the network's end backwards, so C's map is final when A's is
-chosen. Only the alignment's maps change: shapes, weights and the student are untouched.
+chosen. Where the student's A reads only some of the teacher's input channels, and which ones
+is known and final (a residual stream, a network input), A's channels are scored as the student
+can reproduce them from those inputs (``fxkd.passes.reproduce``), not as the teacher has them.
+Only the alignment's maps change: shapes, weights and the student are untouched.
 
 This is ThiNet / He et al.'s channel selection, used here to re-target calibration rather than
 to prune. It needs kernel mode (a pointwise adapter can only mix the channels A computes) and
@@ -22,6 +25,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
+from collections import Counter
 
 import torch
 import torch.fx as fx
@@ -29,22 +33,20 @@ from torch import nn
 
 from fxkd.align import SitePair
 from fxkd.capture import eval_mode
-from fxkd.config import CompressConfig
+from fxkd.config import DEFAULT_RIDGE, CompressConfig
 from fxkd.inputs import Inputs
 from fxkd.nodes import (
     BATCHNORM_TYPES,
     CONV_TYPES,
-    PER_CHANNEL_FUNCTIONS,
-    PER_CHANNEL_MODULES,
     affine_module,
-    is_elementwise_nonlinearity,
-    is_identity,
+    is_per_channel,
     module_call_counts,
     only_user,
 )
-from fxkd.solve.normal import NormalEquations
+from fxkd.solve.normal import layer_equations
 from fxkd.solve.selection import select_groups
 
+from .reproduce import input_channels, reproducible_values
 from .runner import GraphRunner
 
 __all__ = ["Link", "internal_links", "select_channel_maps"]
@@ -58,12 +60,15 @@ MAP_SOURCE = "selected"
 class Link:
     """A producer whose output channels only one consumer reads (teacher node names): the
     consumer, the value it reads (``source``) and what its output is compared at (``target``:
-    the consumer's output, or its BatchNorm's)."""
+    the consumer's output, or its BatchNorm's); ``node`` calls the producer and ``steps`` are
+    the per-channel steps from its output to ``source``, in order."""
 
     producer: str
     consumer: str
     source: str
     target: str
+    node: str = ""
+    steps: tuple[str, ...] = ()
 
 
 def _module(gm: fx.GraphModule, node: fx.Node) -> nn.Module | None:
@@ -73,15 +78,6 @@ def _module(gm: fx.GraphModule, node: fx.Node) -> nn.Module | None:
 def _ungrouped_affine(gm: fx.GraphModule, node: fx.Node) -> nn.Module | None:
     m = affine_module(gm, node)
     return m if m is not None and getattr(m, "groups", 1) == 1 else None
-
-
-def _per_channel(gm: fx.GraphModule, node: fx.Node) -> bool:
-    """A step that maps each channel on its own (so channel c stays channel c)."""
-    if isinstance(_module(gm, node), PER_CHANNEL_MODULES):
-        return True
-    if node.op == "call_function" and node.target in PER_CHANNEL_FUNCTIONS:
-        return True
-    return is_elementwise_nonlinearity(gm, node) or is_identity(gm, node)
 
 
 def internal_links(gm: fx.GraphModule) -> list[Link]:
@@ -94,8 +90,9 @@ def internal_links(gm: fx.GraphModule) -> list[Link]:
         a = _ungrouped_affine(gm, node)
         if a is None or calls[str(node.target)] != 1:
             continue
-        prev, nxt = node, only_user(node)
-        while nxt is not None and nxt.args and nxt.args[0] is prev and _per_channel(gm, nxt):
+        prev, nxt, steps = node, only_user(node), []
+        while nxt is not None and nxt.args and nxt.args[0] is prev and is_per_channel(gm, nxt):
+            steps.append(nxt.name)
             prev, nxt = nxt, only_user(nxt)
         c = _ungrouped_affine(gm, nxt) if nxt is not None else None
         if c is None or type(c) is not type(a) or calls[str(nxt.target)] != 1:
@@ -106,7 +103,9 @@ def internal_links(gm: fx.GraphModule) -> list[Link]:
         bn = only_user(nxt)
         if bn is not None and isinstance(_module(gm, bn), BATCHNORM_TYPES):
             target = bn
-        links.append(Link(str(node.target), str(nxt.target), prev.name, target.name))
+        links.append(
+            Link(str(node.target), str(nxt.target), prev.name, target.name, node.name, tuple(steps))
+        )
     return links
 
 
@@ -133,7 +132,10 @@ def select_channel_maps(
     if not links:
         return list(pairs)
     chunks = samples.split(config.chunk_size)
-    wanted = {t_nodes[name] for link in links for name in (link.source, link.target)}
+    producers = {link.producer for link in links}
+    restricted = _restricted_inputs(teacher, student, pairs, links, producers)
+    needs = Counter(name for link in links for name in _reads(link, restricted, t_nodes))
+    wanted = {t_nodes[name] for name in needs}
     device = next((p.device for p in teacher.parameters()), torch.device("cpu"))
     runner = GraphRunner(
         teacher,
@@ -143,7 +145,7 @@ def select_channel_maps(
         offload=config.offload,
     )
     out = list(pairs)
-    producers = {link.producer for link in links}
+    ridge = config.effective_ridge if config.effective_ridge != "cv" else DEFAULT_RIDGE["kernel"]
     waiting = []  # links whose consumer's own map is not chosen yet: chosen last, backwards
     chosen = 0
     with torch.no_grad(), eval_mode(teacher):
@@ -152,13 +154,20 @@ def select_channel_maps(
             runner.run_through(target)
             consumer = teacher.get_submodule(link.consumer)
             count = len(chunks)  # one chunk at a time on the device (held offloaded or not)
-            eqs = _normal_equations(
+            sources = None
+            if link.producer in restricted:  # what the student's producer can reproduce
+                steps = [t_nodes[name] for name in link.steps]
+                node, in_map = t_nodes[link.node], restricted[link.producer]
+                sources = reproducible_values(teacher, node, steps, runner, count, in_map, ridge)
+            eqs = layer_equations(
                 consumer,
-                (runner.chunk(source, i) for i in range(count)),
+                sources or (runner.chunk(source, i) for i in range(count)),
                 (runner.chunk(target, i) for i in range(count)),
             )
-            for node in (source, target):
-                runner.unpin(node)
+            for name in _reads(link, restricted, t_nodes):
+                needs[name] -= 1
+                if not needs[name]:
+                    runner.unpin(t_nodes[name])
             system = (eqs.gram[0], eqs.cross[0], eqs.rows)
             if link.consumer in producers:  # (held: the Gram is at the teacher's width)
                 waiting.append((link, system))
@@ -168,6 +177,32 @@ def select_channel_maps(
         chosen += _choose(link, system, out, index)
     log.info("channel selection: %d of %d internal sites re-targeted", chosen, len(links))
     return out
+
+
+def _restricted_inputs(teacher, student, pairs, links, producers) -> dict[str, tuple[int, ...]]:
+    """The links' producers whose student copy reads only some of the teacher's input channels,
+    known and final (``fxkd.passes.reproduce.input_channels``): their teacher input channels."""
+    maps = {p.site.module: p.channel_map for p in pairs}
+    t_nodes = {n.name: n for n in teacher.graph.nodes}
+    out = {}
+    for link in links:
+        node = t_nodes[link.node]
+        in_map = input_channels(teacher, node, maps, producers)
+        width = student.get_submodule(link.producer).weight.shape[1]
+        if (
+            in_map is not None
+            and len(in_map) == width < affine_module(teacher, node).weight.shape[1]
+        ):
+            out[link.producer] = in_map
+    return out
+
+
+def _reads(link: Link, restricted: dict, t_nodes: dict) -> tuple[str, ...]:
+    """The teacher nodes a link's system reads: its source and target, and the producer's
+    input and output where the producer is refitted on a restricted input."""
+    if link.producer not in restricted:
+        return (link.source, link.target)
+    return (link.source, link.target, link.node, t_nodes[link.node].args[0].name)
 
 
 def _choose(link: Link, system, out: list[SitePair], index: dict[str, int]) -> bool:
@@ -206,21 +241,3 @@ def _qualifies(pair: SitePair, student: fx.GraphModule, num_samples: int) -> boo
         return False
     positions = math.prod(site.shape[2:]) if site.dims else math.prod(site.shape[1:-1])
     return num_samples * positions >= module.weight[0].numel()
-
-
-def _normal_equations(consumer: nn.Module, sources, targets) -> NormalEquations:
-    """Normal equations of the consumer's teacher output (all its channels) on its input's
-    features: a conv's im2col patches, or a linear layer's inputs (rows over leading dims)."""
-    conv = isinstance(consumer, CONV_TYPES)
-    k = consumer.out_channels if conv else consumer.out_features
-    d = consumer.weight[0].numel()
-    eqs = None
-    for x, y in zip(sources, targets, strict=True):
-        if eqs is None:
-            eqs = NormalEquations(1, d, k, bias=True, device=x.device)
-        if conv:
-            eqs.update_patches(x, consumer, y.reshape(y.shape[0], 1, k, -1))
-        else:
-            eqs.update(x.reshape(1, -1, d), y.reshape(1, -1, k))
-    eqs.all_reduce()  # every rank chooses from the same sums
-    return eqs

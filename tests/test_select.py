@@ -13,7 +13,7 @@ from torch import nn
 import fxkd
 from fxkd.capture import trace
 from fxkd.passes.select import internal_links
-from fxkd.solve.normal import NormalEquations
+from fxkd.solve.normal import NormalEquations, layer_equations
 from fxkd.solve.selection import select_groups
 from tests.models import ResNetStyle, VGGStyle
 
@@ -125,3 +125,72 @@ def test_selection_leaves_pointwise_mode_and_unpruned_students_alone():
     assert pair.channel_map == (0, 2, 4, 6) and pair.map_source == "given"
     result = fxkd.compress(teacher, teacher, x, num_samples=32, progress=False)
     assert all(p.channel_map is None for p in result.alignment.pairs)
+
+
+class _Stream(nn.Module):
+    """A residual stream s (4 channels, a 1x1 identity of the input), a block a (4 -> 8)
+    -> BN -> ReLU -> c (8 -> 4) added back onto s: a -> c is the one internal link, and a reads
+    the stream, whose channels selection does not move."""
+
+    def __init__(self, hidden: int = 8, stream: int = 4) -> None:
+        super().__init__()
+        self.s = nn.Conv2d(4, stream, 1, bias=False)
+        self.a = nn.Conv2d(stream, hidden, 3, padding=1, bias=False)
+        self.bn = nn.BatchNorm2d(hidden)
+        self.c = nn.Conv2d(hidden, stream, 3, padding=1)
+
+    def forward(self, x):
+        s = self.s(x)
+        return s + self.c(torch.relu(self.bn(self.a(s))))
+
+
+def _stream_teacher_and_student():
+    """Teacher: a's channels 0-3 read only stream channels 0, 1 and channels 4-7 only 2, 3; c
+    reads 4-7 three times as strongly. The student keeps stream channels 0, 1 (so it cannot
+    compute a's channels 4-7 at all) and four of a's channels."""
+    torch.manual_seed(0)
+    teacher = _Stream().double().eval()
+    with torch.no_grad():
+        teacher.s.weight.copy_(torch.eye(4)[:, :, None, None])
+        teacher.a.weight[:4, 2:] = 0.0
+        teacher.a.weight[4:, :2] = 0.0
+        teacher.c.weight[:, 4:] *= 3.0
+    stream, kept = [0, 1], [2, 3, 4, 5]
+    student = _Stream(hidden=4, stream=2).double().eval()
+    with torch.no_grad():
+        student.s.weight.copy_(teacher.s.weight[stream])
+        student.a.weight.copy_(teacher.a.weight[kept][:, stream])
+        for name in ("weight", "bias", "running_mean", "running_var"):
+            getattr(student.bn, name).copy_(getattr(teacher.bn, name)[kept])
+        student.c.weight.copy_(teacher.c.weight[stream][:, kept])
+        student.c.bias.copy_(teacher.c.bias[stream])
+    return teacher, student, {"s": stream, "a": kept, "c": stream}
+
+
+def test_selection_scores_what_the_student_can_reproduce_from_its_kept_inputs():
+    """On the teacher's own values the strong channels 4-7 explain c best, but the student's a
+    reads stream channels 0, 1 only and cannot compute them: selection scores a refitted on
+    those inputs and picks 0-3, which the student reproduces; the result beats the choice
+    made on the teacher's values (the same compress with the map forced to those), whose
+    channels the student can only approximate by their (near zero) projection."""
+    teacher, student, maps = _stream_teacher_and_student()
+    x = torch.randn(128, 4, 8, 8, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    link = next(link for link in internal_links(trace(teacher, x[:2])) if link.producer == "a")
+    assert link.consumer == "c" and link.steps == ("bn", "relu")
+    with torch.no_grad():  # c's kept outputs on the teacher's own a channels
+        source = torch.relu(teacher.bn(teacher.a(teacher.s(x))))
+        eqs = layer_equations(teacher.c, [source], [teacher.c(source)])
+    naive = select_groups(eqs.gram[0], eqs.cross[0][:, maps["c"]], 8, 4)
+    assert set(naive) & {4, 5, 6, 7}, naive  # the teacher's values favour what a cannot make
+    errors = {}
+    for name, given in (("selected", None), ("naive", naive)):
+        kw = {"channel_maps": {**maps, "a": given}, "select_channels": False} if given else {}
+        result = fxkd.compress(teacher, student, x, num_samples=128, ridge=1e-12, progress=False,
+                               **({"channel_maps": maps} | kw))  # fmt: skip
+        with torch.no_grad():  # the student's output is the stream's kept channels
+            t = teacher(x)[:, maps["s"]]
+            errors[name] = float((result.model(x) - t).norm() / t.norm())
+        if name == "selected":
+            pair = next(p for p in result.alignment.pairs if p.site.module == "a")
+            assert pair.channel_map == (0, 1, 2, 3) and pair.map_source == "selected"
+    assert errors["selected"] < errors["naive"], errors

@@ -19,10 +19,11 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 
 import torch
 import torch.distributed as dist
+from torch import nn
 
 from fxkd.solve.conditioning import Conditioning, narrow_conditioning, wide_conditioning
 from fxkd.solve.displaced import DisplacedProducts, displaced_products_pay
@@ -31,7 +32,7 @@ from fxkd.solve.patches import centred_patch_rows, patch_mask, summed_patches
 from fxkd.solve.products import CentredProducts, shifted, work_dtype
 from fxkd.solve.ridge import ridge_solve
 
-__all__ = ["Conditioning", "NormalEquations", "all_reduce_sum"]
+__all__ = ["Conditioning", "NormalEquations", "all_reduce_sum", "layer_equations"]
 
 log = logging.getLogger(__name__)
 
@@ -383,3 +384,24 @@ def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
     buf = t.to(where)
     dist.all_reduce(buf)
     return buf.to(t.device)
+
+
+def layer_equations(
+    layer: nn.Module, inputs: Iterable[torch.Tensor], outputs: Iterable[torch.Tensor]
+) -> NormalEquations:
+    """One system (with a bias) of a conv's or linear layer's ``outputs`` (all its channels)
+    on its ``inputs``' features, chunk by chunk: a conv's im2col patches, ordered like
+    ``weight[o].flatten()``, or a linear layer's inputs (rows over the leading dims). Summed
+    over ranks, so every rank solves the same system."""
+    conv = isinstance(layer, (nn.Conv1d, nn.Conv2d, nn.Conv3d))
+    k, d = layer.weight.shape[0], layer.weight[0].numel()
+    eqs = None
+    for x, y in zip(inputs, outputs, strict=True):
+        if eqs is None:
+            eqs = NormalEquations(1, d, k, bias=True, device=x.device)
+        if conv:
+            eqs.update_patches(x, layer, y.reshape(y.shape[0], 1, k, -1))
+        else:
+            eqs.update(x.reshape(1, -1, d), y.reshape(1, -1, k))
+    eqs.all_reduce()
+    return eqs
