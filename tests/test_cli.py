@@ -303,3 +303,16 @@ def test_fashion_mnist_runs_split_over_processes_merge_into_one_table(tmp_path):
         assert png.stat().st_size > 10_000
     else:
         assert not png.exists() and "matplotlib is not installed" in out.stderr
+    # a rerun of one cell (vgg/l1-50, seed 0) given last replaces that row, not adds to it
+    c = tmp_path / "rerun_cell.json"
+    c.write_text(json.dumps(run("vgg", "l1-50", [("fxkd-kernel", 0.7)])))
+    out = subprocess.run(
+        [sys.executable, "-m", "examples.benchmarks.fashion_mnist", "--from-json", str(a), str(b),
+         str(c), "--tag", "rerun", "--out", str(tmp_path)],
+        capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert out.returncode == 0, out.stderr
+    assert len(json.loads((tmp_path / "fashion_mnist_rerun.json").read_text())["rows"]) == 3
+    table = (tmp_path / "fashion_mnist_rerun.md").read_text()
+    assert "| fxkd-kernel | no | 75.00% ± 7.07% |" in table  # 0.7 (the rerun) and 0.8
+    assert "keeps the later run's row: 1 rows" in table

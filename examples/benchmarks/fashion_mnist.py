@@ -471,7 +471,8 @@ def render_log(log_path: Path, args, command: str) -> int:
 
 def render_json(paths: list[Path], args) -> int:
     """Tables (and, when merging, plots) from the .json of earlier runs; several runs of one
-    grid split over processes (disjoint teacher/student cells) merge into one."""
+    grid split over processes merge into one (a cell, teacher/student/N/seed/method, that
+    several runs hold keeps the row of the run given last: a rerun replaces)."""
     runs = [json.loads(p.read_text()) for p in paths]
     if len(runs) == 1:
         run = runs[0]
@@ -497,11 +498,19 @@ def render_json(paths: list[Path], args) -> int:
                     have += [s for s in value if s not in have]
                 else:
                     meta[key].setdefault(teacher, {}).update(value)
-    rows = [row for r in runs for row in r["rows"]]
+    latest = {_cell(row): row for r in runs for row in r["rows"]}  # a later run's row wins
+    rows = list(latest.values())
+    replaced = sum(len(r["rows"]) for r in runs) - len(rows)
+    if replaced:
+        meta["command"] += f" (a cell in several runs keeps the later run's row: {replaced} rows)"
     blocks = {k: v for r in runs for k, v in r.get("block_reports", {}).items()}
     stem = "fashion_mnist" + (f"_{args.tag}" if args.tag else "")
     write_outputs(Path(args.out), stem, rows, meta, blocks)
     return 0
+
+
+def _cell(row: dict) -> tuple:
+    return row["teacher"], row["student"], row["n"], row["seed"], row["method"]
 
 
 def _same_but_cells(a: str, b: str) -> bool:
