@@ -150,6 +150,13 @@ class CompressConfig:
         """The ridge in force: ``ridge`` (a number or ``"cv"``), or the mode's default."""
         return DEFAULT_RIDGE[self.mode] if self.ridge is None else self.ridge
 
+    @property
+    def fixed_ridge(self) -> float:
+        """The number a solve uses without cross-validation: ``ridge``, or the mode's default
+        when it is None or ``"cv"``."""
+        ridge = self.effective_ridge
+        return DEFAULT_RIDGE[self.mode] if ridge == "cv" else ridge
+
     def replace(self, **overrides: Any) -> CompressConfig:
         """A copy with some fields changed; an unknown field raises ConfigError naming it."""
         known = {f.name for f in dataclasses.fields(self)}

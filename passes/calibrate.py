@@ -34,7 +34,7 @@ from tqdm.auto import tqdm
 
 from fxkd.align import SitePair
 from fxkd.capture import eval_mode, trace
-from fxkd.config import DEFAULT_RIDGE, CompressConfig
+from fxkd.config import CompressConfig
 from fxkd.errors import CalibrationError
 from fxkd.inputs import Inputs
 from fxkd.nodes import clamp_bounds, redo_steps, undo_steps
@@ -586,10 +586,6 @@ class CalibrateAdapters(FxkdPass):
             return 1
         return FOLDS if sum(len(t) for t in targets) >= 2 * FOLDS else 1
 
-    def _fixed_ridge(self) -> float:
-        ridge = self.config.effective_ridge
-        return DEFAULT_RIDGE[self.config.mode] if ridge == "cv" else ridge
-
     def _write_solution(self, eqs: NormalEquations, members: list[_Member]) -> None:
         """Solve ``eqs`` (a ridge towards the members' current weights) and write each
         member's share of the solution into its adapter."""
@@ -604,7 +600,7 @@ class CalibrateAdapters(FxkdPass):
             w = eqs.solve(None, prior)  # the ridge chosen by cross-validation
             self._ridges[members[0].node] = eqs.ridge
         else:
-            w = eqs.solve(self._fixed_ridge(), prior)
+            w = eqs.solve(self.config.fixed_ridge, prior)
         # one bias was solved for the point: members after the first keep their own (current)
         # shift and the first takes the rest, so no member's shift is zeroed needlessly
         biases: dict[int, torch.Tensor] = {}

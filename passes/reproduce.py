@@ -30,7 +30,7 @@ from fxkd.solve.normal import layer_equations
 
 from .runner import GraphRunner
 
-__all__ = ["input_channels", "reproducible_values"]
+__all__ = ["input_channels", "replayable", "reproducible_values"]
 
 
 def input_channels(
@@ -73,6 +73,11 @@ def _single_input(node: fx.Node) -> bool:
     return not any(isinstance(a, fx.Node) for a in rest)
 
 
+def replayable(steps: list[fx.Node]) -> bool:
+    """Whether ``reproducible_values`` can replay ``steps`` on a refitted producer's output."""
+    return all(_single_input(s) for s in steps)
+
+
 def reproducible_values(
     teacher: fx.GraphModule,
     node: fx.Node,
@@ -81,13 +86,11 @@ def reproducible_values(
     count: int,
     in_map: tuple[int, ...],
     ridge: float,
-) -> Iterator[torch.Tensor] | None:
+) -> Iterator[torch.Tensor]:
     """The teacher's values at the end of ``steps`` (the consumer's input), chunk by chunk, as
     the producer called by ``node`` reproduces them from its input's ``in_map`` channels (see
     the module docstring). ``runner`` holds the producer's input and output for its ``count``
-    chunks. None when a step cannot be replayed."""
-    if not all(_single_input(s) for s in steps):
-        return None
+    chunks; ``steps`` must be ``replayable``."""
     restricted = _refit(teacher, node, runner, count, in_map, ridge)
 
     def values() -> Iterator[torch.Tensor]:

@@ -33,7 +33,7 @@ from torch import nn
 
 from fxkd.align import SitePair
 from fxkd.capture import eval_mode
-from fxkd.config import DEFAULT_RIDGE, CompressConfig
+from fxkd.config import CompressConfig
 from fxkd.inputs import Inputs
 from fxkd.nodes import (
     BATCHNORM_TYPES,
@@ -46,7 +46,7 @@ from fxkd.nodes import (
 from fxkd.solve.normal import layer_equations
 from fxkd.solve.selection import select_groups
 
-from .reproduce import input_channels, reproducible_values
+from .reproduce import input_channels, replayable, reproducible_values
 from .runner import GraphRunner
 
 __all__ = ["Link", "internal_links", "select_channel_maps"]
@@ -133,7 +133,7 @@ def select_channel_maps(
         return list(pairs)
     chunks = samples.split(config.chunk_size)
     producers = {link.producer for link in links}
-    restricted = _restricted_inputs(teacher, student, pairs, links, producers)
+    restricted = _restricted_inputs(teacher, t_nodes, student, pairs, links, producers)
     needs = Counter(name for link in links for name in _reads(link, restricted, t_nodes))
     wanted = {t_nodes[name] for name in needs}
     device = next((p.device for p in teacher.parameters()), torch.device("cpu"))
@@ -145,7 +145,6 @@ def select_channel_maps(
         offload=config.offload,
     )
     out = list(pairs)
-    ridge = config.effective_ridge if config.effective_ridge != "cv" else DEFAULT_RIDGE["kernel"]
     waiting = []  # links whose consumer's own map is not chosen yet: chosen last, backwards
     chosen = 0
     with torch.no_grad(), eval_mode(teacher):
@@ -154,15 +153,16 @@ def select_channel_maps(
             runner.run_through(target)
             consumer = teacher.get_submodule(link.consumer)
             count = len(chunks)  # one chunk at a time on the device (held offloaded or not)
-            sources = None
             if link.producer in restricted:  # what the student's producer can reproduce
                 steps = [t_nodes[name] for name in link.steps]
                 node, in_map = t_nodes[link.node], restricted[link.producer]
-                sources = reproducible_values(teacher, node, steps, runner, count, in_map, ridge)
+                sources = reproducible_values(
+                    teacher, node, steps, runner, count, in_map, config.fixed_ridge
+                )
+            else:
+                sources = (runner.chunk(source, i) for i in range(count))
             eqs = layer_equations(
-                consumer,
-                sources or (runner.chunk(source, i) for i in range(count)),
-                (runner.chunk(target, i) for i in range(count)),
+                consumer, sources, (runner.chunk(target, i) for i in range(count))
             )
             for name in _reads(link, restricted, t_nodes):
                 needs[name] -= 1
@@ -179,13 +179,17 @@ def select_channel_maps(
     return out
 
 
-def _restricted_inputs(teacher, student, pairs, links, producers) -> dict[str, tuple[int, ...]]:
+def _restricted_inputs(
+    teacher, t_nodes, student, pairs, links, producers
+) -> dict[str, tuple[int, ...]]:
     """The links' producers whose student copy reads only some of the teacher's input channels,
-    known and final (``fxkd.passes.reproduce.input_channels``): their teacher input channels."""
+    known and final (``fxkd.passes.reproduce.input_channels``), and whose steps to the
+    consumer can be replayed on a refitted output: their teacher input channels."""
     maps = {p.site.module: p.channel_map for p in pairs}
-    t_nodes = {n.name: n for n in teacher.graph.nodes}
     out = {}
     for link in links:
+        if not replayable([t_nodes[name] for name in link.steps]):
+            continue
         node = t_nodes[link.node]
         in_map = input_channels(teacher, node, maps, producers)
         width = student.get_submodule(link.producer).weight.shape[1]
